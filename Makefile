@@ -1,0 +1,38 @@
+# Two commands for a newcomer (see README.md):
+#   make demo   set up .venv, run the quickstart notebook on the offline default, print the results
+#   make test   set up .venv, run the whole test suite (unit tests + notebooks through nbval)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+
+# Offline by default: nothing in the demo or the tests may reach the Hub.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: demo test install bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev,lab]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p outputs
+	$(BIN)/papermill notebooks/00_quickstart.ipynb outputs/00_quickstart.ipynb --cwd notebooks --progress-bar
+	$(BIN)/workbench summarize outputs/quickstart/results.csv
+
+test: $(STAMP)
+	TQDM_DISABLE=1 $(BIN)/python -m pytest tests notebooks \
+		--nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
+		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly
+
+bench: $(STAMP)
+	$(BIN)/python bench/features.py
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,104 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+
+import workbench as wb
+from workbench.data import sample_few_shot
+from workbench.errors import ConfigError
+from workbench.methods.base import Method
+from workbench.prompts import text_classifier, validate_templates
+from workbench.task import FewShotTask
+
+
+def _task(shapes, backbone, cache, shots=4, seed=1, templates=("a photo of a {}.", "a drawing of a {}.")):
+    return FewShotTask(shapes, sample_few_shot(shapes, shots, seed), backbone, cache, templates=list(templates))
+
+
+def test_text_classifier_is_renormalised_mean_of_template_embeddings(backbone):
+    templates = ["a photo of a {}.", "a sketch of a {}."]
+    got = text_classifier(backbone, ["dog", "cat"], templates, descriptions={"cat": ["a small furry animal"]})
+    dog = F.normalize(backbone.text_features(["a photo of a dog.", "a sketch of a dog."]).mean(0), dim=-1)
+    cat_texts = ["a photo of a cat.", "a sketch of a cat.", "a small furry animal"]
+    cat = F.normalize(backbone.text_features(cat_texts).mean(0), dim=-1)
+    assert torch.allclose(got, torch.stack([dog, cat]), atol=1e-6)
+
+
+def test_templates_are_validated():
+    with pytest.raises(ConfigError, match="exactly one"):
+        validate_templates(["a photo of a cat."])
+    with pytest.raises(ConfigError, match="at least one"):
+        validate_templates([])
+
+
+def test_zero_shot_logits(shapes, backbone, cache):
+    task = _task(shapes, backbone, cache)
+    zs = wb.get_method("zero_shot").fit(task)
+    feats = cache.get(shapes, shapes.split("test")).x
+    expected = backbone.logit_scale * feats @ task.text_classifier().T
+    assert torch.allclose(zs.predict_logits(feats), expected, atol=1e-5)
+    assert zs.fit_info["templates"] == task.templates
+
+
+def _reference_lpclip(x, y, xv, yv, steps=8):
+    """The CoOp lpclip search, re-implemented independently in its own (10**, log10) form."""
+    def acc(c):
+        clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=c).fit(x, y)
+        return (clf.predict(xv) == yv).mean(), clf
+
+    grid = [1e6, 1e4, 1e2, 1, 1e-2, 1e-4, 1e-6]
+    peak = grid[int(np.argmax([acc(c)[0] for c in grid]))]
+    c_left, c_right = 0.1 * peak, 10 * peak
+    for _ in range(steps):
+        (al, _), (ar, _) = acc(c_left), acc(c_right)
+        if al < ar:
+            c_final = c_right
+            c_left, c_right = 0.5 * (np.log10(c_right) + np.log10(c_left)), np.log10(c_right)
+        else:
+            c_final = c_left
+            c_right, c_left = 0.5 * (np.log10(c_right) + np.log10(c_left)), np.log10(c_left)
+        c_left, c_right = 10 ** c_left, 10 ** c_right
+    return c_final
+
+
+def test_linear_probe_matches_reference_search(shapes, backbone, cache, quiet):
+    task = _task(shapes, backbone, cache, shots=8)
+    lp = wb.get_method("linear_probe").fit(task)
+    sup, val = task.support(), task.validation()
+    c_ref = _reference_lpclip(sup.x.double().numpy(), sup.labels.numpy(), val.x.double().numpy(), val.labels.numpy())
+    assert math.isclose(lp.fit_info["C"], c_ref, rel_tol=1e-9)
+    clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=c_ref).fit(sup.x.double().numpy(), sup.labels.numpy())
+    test = cache.get(shapes, shapes.split("test")).x
+    assert np.allclose(lp.predict_logits(test).numpy(), clf.decision_function(test.double().numpy()), atol=1e-4)
+
+
+def test_linear_probe_binary_logits_give_sklearn_probabilities(backbone, cache, quiet):
+    ds = wb.load_dataset("pneumoniamnist_mini")
+    task = FewShotTask(ds, sample_few_shot(ds, 4, 1), backbone, cache, templates=["a photo of a {}."])
+    lp = wb.get_method("linear_probe").fit(task)
+    feats = cache.get(ds, ds.split("test")[:10]).x
+    clf = LogisticRegression(solver="lbfgs", max_iter=1000, C=lp.fit_info["C"]).fit(
+        task.support().x.double().numpy(), task.support().labels.numpy())
+    assert np.allclose(lp.predict_proba(feats).numpy(), clf.predict_proba(feats.double().numpy()), atol=1e-5)
+
+
+def test_save_and_load_give_identical_logits(shapes, backbone, cache, tmp_path, quiet):
+    task = _task(shapes, backbone, cache)
+    feats = cache.get(shapes, shapes.split("test")).x
+    for name in wb.available_methods():
+        m = wb.get_method(name).fit(task)
+        back = Method.load(m.save(tmp_path / name))
+        assert type(back) is type(m) and back.class_names == m.class_names and back.fit_info == m.fit_info
+        assert torch.allclose(back.predict_logits(feats), m.predict_logits(feats))
+
+
+def test_registry_and_parameter_errors():
+    with pytest.raises(ConfigError, match="unknown method 'linear_prob'.*Did you mean 'linear_probe'"):
+        wb.get_method("linear_prob")
+    with pytest.raises(ConfigError, match="unknown parameter 'max_iters'.*Did you mean 'max_iter'"):
+        wb.get_method("linear_probe", max_iters=3)
+    with pytest.raises(RuntimeError, match="call fit"):
+        wb.get_method("zero_shot").predict_logits(torch.zeros(1, 128))

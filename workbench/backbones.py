@@ -1,0 +1,349 @@
+"""Backbones: any open_clip model behind one object every method uses.
+
+``load_backbone`` accepts
+
+* an architecture + pretrained tag: ``load_backbone("ViT-B-16-quickgelu", "openai")``;
+* a Hub model with an ``open_clip_config.json``: ``"hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"``;
+* a local folder with config + weights: ``"local-dir:/path/to/model"``;
+* a plain checkpoint file on a named architecture, as RemoteCLIP and GeoRSCLIP ship them:
+  ``load_backbone("ViT-B-32-quickgelu", "/path/RemoteCLIP-ViT-B-32.pt")``, or fetched from
+  the Hub on first use: ``pretrained="hf-file:chendelong/RemoteCLIP/RemoteCLIP-ViT-B-32.pt"``;
+* the offline default ``"workbench-tiny"``: a small open_clip architecture registered by this
+  package, randomly initialised with a fixed seed. It needs no network and runs fast on two CPU
+  cores; it **demonstrates the workflow only** (its zero-shot accuracy is chance level).
+  Switch to a real model with one parameter, e.g. ``backbone="ViT-B-16-quickgelu", pretrained="openai"``.
+
+QuickGELU: open_clip >= 2.29 no longer switches QuickGELU on for OpenAI weights by itself; a
+tag whose weights were trained with QuickGELU loaded on a plain-GELU architecture gives subtly
+wrong features. We switch it on (with a warning) when the tag says so.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import BackboneError
+
+OFFLINE_DEFAULT = "workbench-tiny"
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def register_model_configs() -> None:
+    """Make the package's own open_clip configs (``workbench-tiny``) known to open_clip."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+# -- device and precision ---------------------------------------------------------------------
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` → CUDA if present, else Apple MPS, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device in (None, "", "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BackboneError(f"device {device!r} is not a torch device; use 'auto', 'cpu', 'cuda', 'cuda:1' or 'mps'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BackboneError(f"device {device!r} asked for, but CUDA is not available here. Use device='auto' or 'cpu'.")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BackboneError(f"device {device!r} asked for, but MPS is not available here. Use device='auto' or 'cpu'.")
+    return dev
+
+
+PRECISIONS = ("fp32", "amp_fp16", "amp_bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` → mixed precision fp16 on CUDA (as the reference implementations), fp32 elsewhere.
+
+    MPS gets fp32: autocast coverage on MPS is incomplete and CLIP features are sensitive to it.
+    """
+    if precision in (None, "", "auto"):
+        return "amp_fp16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise BackboneError(f"precision {precision!r} is not one of {('auto',) + PRECISIONS}.")
+    if precision != "fp32" and device.type == "cpu":
+        raise BackboneError(f"precision {precision!r} needs a GPU; on CPU use precision='fp32' (or 'auto').")
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str):
+    """The autocast context for a forward pass (a no-op for fp32)."""
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    dtype = torch.float16 if precision == "amp_fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# -- the backbone object ----------------------------------------------------------------------
+
+@dataclass
+class Backbone:
+    """A loaded vision-language model and everything methods need from it.
+
+    Features are always L2-normalised float32. ``logit_scale`` is the model's own (100 for
+    OpenAI CLIP); ``logit_bias`` is set for SigLIP models and must be added to their logits.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    preprocess: object                 # eval transform: PIL image -> tensor
+    name: str
+    pretrained: str | None
+    device: torch.device
+    precision: str
+    preprocess_cfg: dict
+    source: dict = field(default_factory=dict)
+    _weights_hash: str | None = None
+    _text_cache: dict = field(default_factory=dict, repr=False)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def weights_hash(self) -> str:
+        """Hash of every parameter and buffer, so two runs can tell they used the same weights."""
+        if self._weights_hash is None:
+            h = hashlib.blake2b(digest_size=16)
+            for key, tensor in sorted(self.model.state_dict().items()):
+                h.update(key.encode())
+                t = tensor.detach().to("cpu").contiguous()
+                h.update(str(t.dtype).encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            self._weights_hash = h.hexdigest()
+        return self._weights_hash
+
+    @property
+    def provenance_id(self) -> str:
+        return f"{self.name}|{self.pretrained or 'random-init'}|{self.weights_hash[:16]}"
+
+    @property
+    def preprocess_id(self) -> str:
+        return repr(sorted(self.preprocess_cfg.items()))
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_features(["x"]).shape[-1])
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp().clamp(max=100).item())
+
+    @property
+    def logit_bias(self) -> float | None:
+        bias = getattr(self.model, "logit_bias", None)
+        return None if bias is None else float(bias.detach().item())
+
+    @property
+    def image_size(self) -> int:
+        size = self.preprocess_cfg.get("size", 224)
+        return int(size if isinstance(size, int) else size[0])
+
+    def provenance(self) -> dict:
+        import open_clip
+
+        return {"name": self.name, "pretrained": self.pretrained, "weights_hash": self.weights_hash,
+                "provenance_id": self.provenance_id, "logit_scale": self.logit_scale, "logit_bias": self.logit_bias,
+                "preprocess": {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.preprocess_cfg.items()},
+                "device": str(self.device), "precision": self.precision, "open_clip": open_clip.__version__,
+                "source": self.source}
+
+    # -- transforms -------------------------------------------------------------------------
+    def augment_transform(self, scale: tuple[float, float] = (0.5, 1.0), flip: bool = True):
+        """Training-time augmentation as the reference code uses it: RandomResizedCrop + horizontal flip.
+
+        Tip-Adapter and GDA use ``scale=(0.5, 1)``; CLIP-LoRA uses ``(0.08, 1)``. Resizing
+        follows the model's own interpolation and normalisation.
+        """
+        from torchvision import transforms as T
+
+        interp = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR,
+                  "nearest": T.InterpolationMode.NEAREST}[self.preprocess_cfg.get("interpolation", "bicubic")]
+        steps = [T.RandomResizedCrop(self.image_size, scale=tuple(scale), interpolation=interp)]
+        if flip:
+            steps.append(T.RandomHorizontalFlip(p=0.5))
+        steps += [T.ToTensor(), T.Normalize(self.preprocess_cfg["mean"], self.preprocess_cfg["std"])]
+        return T.Compose(steps)
+
+    # -- encoding ---------------------------------------------------------------------------
+    def autocast(self):
+        return autocast_context(self.device, self.precision)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised float32 image features on the backbone's device (no gradient)."""
+        with torch.inference_mode(), self.autocast():
+            feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
+        return F.normalize(feats.float(), dim=-1)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def text_features(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+        """Normalised float32 text features on CPU; cached in memory per text."""
+        texts = list(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_cache]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            tokens = self.tokenize(chunk).to(self.device)
+            with torch.inference_mode(), self.autocast():
+                feats = self.model.encode_text(tokens)
+            feats = F.normalize(feats.float(), dim=-1).cpu()
+            self._text_cache.update(zip(chunk, feats))
+        if not texts:
+            raise BackboneError("text_features() needs at least one text.")
+        return torch.stack([self._text_cache[t] for t in texts])
+
+    def __repr__(self) -> str:
+        return (f"Backbone({self.name!r}, pretrained={self.pretrained!r}, device={self.device}, "
+                f"precision={self.precision}, image_size={self.image_size})")
+
+
+# -- loading ----------------------------------------------------------------------------------
+
+def _read_state_dict(path: Path) -> dict:
+    """Weights from a ``.pt``/``.pth``/``.bin``/``.safetensors`` file, unwrapped from common containers."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            ckpt = load_file(str(path))
+        else:
+            ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise BackboneError(f"could not read checkpoint {str(path)!r}: {type(err).__name__}: {str(err)[:200]}. "
+                            "Only plain tensor state dicts load (open_clip v3 uses weights_only=True); a "
+                            "truncated download also ends here — delete the file and download again.") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(ckpt, dict) and key in ckpt and isinstance(ckpt[key], dict):
+            ckpt = ckpt[key]
+            break
+    if not isinstance(ckpt, dict) or not ckpt:
+        raise BackboneError(f"checkpoint {str(path)!r} holds no state dict (got {type(ckpt).__name__}).")
+    state = {}
+    for k, v in ckpt.items():
+        if not isinstance(v, torch.Tensor):
+            continue  # e.g. OpenAI jit extras such as input_resolution
+        for prefix in ("module.", "model.", "clip."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        state[k] = v
+    return state
+
+
+def _resolve_checkpoint(pretrained: str, cache_dir) -> Path | None:
+    """A local file for ``pretrained`` if it names one (path or ``hf-file:org/repo/file``), else None."""
+    if pretrained.startswith("hf-file:"):
+        spec = pretrained[len("hf-file:"):]
+        parts = spec.split("/")
+        if len(parts) < 3:
+            raise BackboneError(f"{pretrained!r}: expected 'hf-file:ORG/REPO/PATH/IN/REPO'.")
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]), cache_dir=cache_dir))
+        except Exception as err:
+            raise BackboneError(f"could not download {pretrained!r}: {type(err).__name__}: {str(err)[:200]}. "
+                                "Offline? Download the file elsewhere and pass its local path as `pretrained`.") from None
+    path = Path(os.path.expanduser(pretrained))
+    if path.suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt") or os.sep in pretrained:
+        if not path.is_file():
+            raise BackboneError(f"checkpoint file {pretrained!r} does not exist.")
+        return path
+    return None
+
+
+def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *, device: str = "auto",
+                  precision: str = "auto", force_quick_gelu: bool | None = None, seed: int = 0,
+                  cache_dir: str | None = None) -> Backbone:
+    """Load an open_clip model (see the module docstring for every accepted form)."""
+    import open_clip
+
+    register_model_configs()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    pretrained = pretrained or None
+    schema = name.split(":", 1)[0] if name.startswith(("hf-hub:", "local-dir:")) else None
+    source: dict = {"kind": schema or "open_clip"}
+    kwargs: dict = {}
+    checkpoint = None
+
+    if schema is None:
+        if name not in open_clip.list_models():
+            import difflib
+
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+            raise BackboneError(f"unknown architecture {name!r}." + (f" Close: {close}." if close else "")
+                                + " See open_clip.list_models(), or use 'hf-hub:ORG/REPO' / 'local-dir:PATH'.")
+        if pretrained:
+            checkpoint = _resolve_checkpoint(pretrained, cache_dir)
+            if checkpoint is None:
+                tags = open_clip.list_pretrained_tags_by_model(name)
+                if pretrained not in tags:
+                    raise BackboneError(f"{name!r} has no pretrained tag {pretrained!r}; known tags: {tags}. "
+                                        "A checkpoint file path is also accepted.")
+                tag_gelu = open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False)
+                arch_gelu = open_clip.get_model_config(name).get("quick_gelu", False)
+                if tag_gelu and not arch_gelu and force_quick_gelu is None:
+                    warnings.warn(f"{name!r} + {pretrained!r}: these weights were trained with QuickGELU; switching it "
+                                  f"on (use '{name}-quickgelu' to silence this).", stacklevel=2)
+                    force_quick_gelu = True
+        elif name != OFFLINE_DEFAULT:
+            warnings.warn(f"backbone {name!r} with no pretrained weights: randomly initialised (seed={seed}).",
+                          stacklevel=2)
+        kwargs["pretrained"] = None if checkpoint else pretrained
+    if force_quick_gelu:
+        kwargs["force_quick_gelu"] = True
+    if schema == "local-dir" and not Path(name[len("local-dir:"):]).expanduser().is_dir():
+        raise BackboneError(f"{name!r}: folder does not exist (it must hold open_clip_config.json and weights).")
+
+    torch.manual_seed(seed)  # random-init towers (the offline default) are reproducible
+    if (name == OFFLINE_DEFAULT and not pretrained) or checkpoint is not None:
+        # open_clip's "initialized randomly" warning: intended for the offline default, and for a
+        # checkpoint file the weights are loaded right below.
+        logging.disable(logging.WARNING)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(name, cache_dir=cache_dir, **kwargs)
+    except Exception as err:
+        raise BackboneError(f"open_clip could not create {name!r} (pretrained={pretrained!r}): "
+                            f"{type(err).__name__}: {str(err)[:300]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    if checkpoint is not None:
+        state = _read_state_dict(checkpoint)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches raise even with strict=False
+            detail = [line.strip() for line in str(err).splitlines() if "size mismatch" in line][:2]
+            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit architecture {name!r}: {detail}. "
+                                "Pick the architecture the checkpoint was trained on (RemoteCLIP/GeoRSCLIP "
+                                "ViT-B/32: 'ViT-B-32-quickgelu').") from None
+        missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+        if missing or result.unexpected_keys:
+            raise BackboneError(f"checkpoint {str(checkpoint)!r} does not fit architecture {name!r}: "
+                                f"{len(missing)} missing key(s) (e.g. {missing[:3]}), {len(result.unexpected_keys)} "
+                                f"unexpected (e.g. {result.unexpected_keys[:3]}). Pick the architecture the "
+                                "checkpoint was trained on (RemoteCLIP/GeoRSCLIP ViT-B/32: 'ViT-B-32-quickgelu').")
+        source["checkpoint"] = str(checkpoint)
+    model = model.to(dev).eval()
+    tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir) if schema else open_clip.get_tokenizer(name)
+    pp_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    return Backbone(model=model, tokenizer=tokenizer, preprocess=preprocess, name=name,
+                    pretrained=pretrained, device=dev, precision=prec, preprocess_cfg=pp_cfg, source=source)

@@ -1,0 +1,132 @@
+"""The one interface every adaptation method implements, and the registry that names them.
+
+A method is a class with a ``Config`` dataclass (its hyper-parameters, named as in the paper)
+and four operations::
+
+    method = get_method("linear_probe", max_iter=500)
+    method.fit(task)                      # support + K-shot val of a FewShotTask, never test
+    logits = method.predict_logits(test_features)
+    method.save(folder); Method.load(folder)
+
+Adding a method = one file in ``workbench/methods/`` with ``@register("name")`` on the class,
+plus its import in ``workbench/methods/__init__.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError, did_you_mean
+
+_REGISTRY: dict[str, type["Method"]] = {}
+SAVE_FORMAT = 1
+
+
+def register(name: str):
+    def wrap(cls):
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def available_methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_class(name: str) -> type["Method"]:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown method {name!r}; available: {available_methods()}." + did_you_mean(name, _REGISTRY))
+    return _REGISTRY[name]
+
+
+def get_method(name: str, **params) -> "Method":
+    return method_class(name)(**params)
+
+
+@dataclasses.dataclass
+class NoConfig:
+    pass
+
+
+class Method:
+    """Base class: subclasses set ``Config`` and implement ``fit``, ``predict_logits``, ``state``/``load_state``."""
+
+    name: ClassVar[str] = "method"
+    Config: ClassVar[type] = NoConfig
+    #: feature-space methods work from cached features; image-space ones train the encoders
+    uses_images: ClassVar[bool] = False
+
+    def __init__(self, config: Any = None, **params):
+        if config is not None and params:
+            raise ConfigError(f"{self.name}: pass either a config object or keyword parameters, not both.")
+        if config is None:
+            fields = {f.name for f in dataclasses.fields(self.Config)}
+            unknown = sorted(set(params) - fields)
+            if unknown:
+                raise ConfigError(f"{self.name}: unknown parameter {unknown[0]!r}; its parameters are "
+                                  f"{sorted(fields) or 'none'}." + did_you_mean(unknown[0], fields))
+            config = self.Config(**params)
+        self.config = config
+        self.class_names: list[str] | None = None
+        self.fit_info: dict = {}   # what fitting chose (selected hyper-parameters, templates, ...)
+
+    # -- to implement -----------------------------------------------------------------------
+    def fit(self, task) -> "Method":
+        raise NotImplementedError
+
+    def predict_logits(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors needed to predict after loading."""
+        raise NotImplementedError
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------
+    def _check_fitted(self):
+        if self.class_names is None:
+            raise RuntimeError(f"{self.name}: call fit(task) (or load a saved method) before predicting.")
+
+    def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.predict_logits(features).float(), dim=-1)
+
+    def describe(self) -> dict:
+        return {"method": self.name, "config": dataclasses.asdict(self.config), "fit_info": self.fit_info}
+
+    def save(self, folder) -> Path:
+        """Write ``method.json`` (name, config, class names, what fitting chose) and ``state.safetensors``."""
+        from safetensors.torch import save_file
+
+        self._check_fitted()
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"format": SAVE_FORMAT, "method": self.name, "config": dataclasses.asdict(self.config),
+                "class_names": self.class_names, "fit_info": self.fit_info}
+        (folder / "method.json").write_text(json.dumps(meta, indent=1, default=str))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state().items()}, str(folder / "state.safetensors"))
+        return folder
+
+    @staticmethod
+    def load(folder) -> "Method":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta_path = folder / "method.json"
+        if not meta_path.is_file():
+            raise ConfigError(f"{str(folder)!r} is not a saved method (no method.json).")
+        meta = json.loads(meta_path.read_text())
+        cls = method_class(meta["method"])
+        method = cls(cls.Config(**meta["config"]))
+        method.class_names = list(meta["class_names"])
+        method.fit_info = meta.get("fit_info", {})
+        method.load_state(load_file(str(folder / "state.safetensors")))
+        return method

@@ -1,0 +1,123 @@
+"""Helpers that keep the tutorial notebooks thin and their parameters safe.
+
+papermill only *warns* about a parameter the notebook does not declare, so ``-p shot 4``
+(instead of ``shots``) would silently run the defaults. :func:`check_parameters`, called in
+the cell right after the ``parameters`` cell, reads the declared parameters from the notebook
+file itself (the annotated assignments of the cell tagged ``parameters``), and raises a clear
+error for an unknown name, a value of the wrong type, or a value the workbench does not know
+(a misspelt method, dataset or device).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, did_you_mean
+from .paths import repo_root
+
+_IGNORED_GLOBALS = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def declared_parameters(notebook: str | Path) -> dict[str, dict]:
+    """``{name: {"annotation": str, "default": value, "help": str}}`` from the ``parameters`` cell."""
+    path = Path(notebook)
+    if not path.is_absolute():
+        path = repo_root() / "notebooks" / path
+    nb = json.loads(path.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(cells) != 1:
+        raise ConfigError(f"{path}: expected exactly one cell tagged 'parameters', found {len(cells)}.")
+    src = "".join(cells[0]["source"])
+    lines = src.splitlines()
+    params = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            line = lines[node.lineno - 1]
+            help_text = line.split("#", 1)[1].strip() if "#" in line else ""
+            params[node.target.id] = {"annotation": ast.unparse(node.annotation),
+                                      "default": ast.literal_eval(node.value) if node.value else None,
+                                      "help": help_text}
+    return params
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    ns = {"list": list, "dict": dict, "tuple": tuple, "str": str, "int": int, "float": float, "bool": bool,
+          "None": None, "typing": typing, "Optional": typing.Optional}
+    try:
+        ann = eval(annotation, ns)  # annotations are simple literal types written by us
+    except Exception:
+        return True
+    return _matches(value, ann)
+
+
+def _matches(value, ann) -> bool:
+    if ann is None or ann is type(None):
+        return value is None
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(ann))
+    if origin in (list, tuple):
+        args = typing.get_args(ann)
+        return isinstance(value, (list, tuple)) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    return isinstance(value, ann) if isinstance(ann, type) else True
+
+
+def _check_values(values: dict) -> None:
+    """Values that name something the workbench must know: fail here, not ten cells later."""
+    from .backbones import resolve_device
+    from .methods import available_methods
+
+    if "methods" in values:
+        for m in values["methods"]:
+            if m not in available_methods():
+                raise ConfigError(f"parameter 'methods': unknown method {m!r}; available: {available_methods()}."
+                                  + did_you_mean(m, available_methods()))
+    for key in ("shots", "seeds"):
+        if key in values:
+            vals = values[key]
+            if not vals or any(v < (1 if key == "shots" else 0) for v in vals):
+                raise ConfigError(f"parameter {key!r}: expected a non-empty list of "
+                                  f"{'positive' if key == 'shots' else 'non-negative'} integers, got {vals!r}.")
+    if "device" in values:
+        resolve_device(values["device"])
+    if "dataset" in values and values["dataset"]:
+        from .domains import spec_path
+
+        spec_path(values["dataset"])
+
+
+def check_parameters(namespace: dict, notebook: str) -> dict:
+    """Validate the notebook's parameters (see module docstring); returns them as a dict."""
+    declared = declared_parameters(notebook)
+    present = {k: v for k, v in namespace.items()
+               if not k.startswith("_") and k not in _IGNORED_GLOBALS and not isinstance(v, types.ModuleType)
+               and not callable(v)}
+    unknown = sorted(set(present) - set(declared))
+    if unknown:
+        raise ConfigError(f"{notebook}: unknown parameter {unknown[0]!r}; this notebook's parameters are "
+                          f"{sorted(declared)}." + did_you_mean(unknown[0], declared))
+    values = {k: namespace.get(k, d["default"]) for k, d in declared.items()}
+    for k, d in declared.items():
+        if isinstance(values[k], str) and not _type_ok(values[k], d["annotation"]):
+            # `papermill -p shots "[1, 4]"` passes the list as a string; read it as the literal it is.
+            try:
+                parsed = ast.literal_eval(values[k])
+            except (ValueError, SyntaxError):
+                parsed = None
+            if parsed is not None and _type_ok(parsed, d["annotation"]):
+                values[k] = namespace[k] = parsed
+        if not _type_ok(values[k], d["annotation"]):
+            raise ConfigError(f"{notebook}: parameter {k!r} should be {d['annotation']} ({d['help']}), "
+                              f"got {values[k]!r}.")
+    _check_values(values)
+    return values
