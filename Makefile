@@ -33,6 +33,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/features.py
+	$(BIN)/python bench/training_free.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -72,3 +72,16 @@ def test_papermill_runs_with_other_parameters_from_another_folder(tmp_path):
     table = pd.read_csv(tmp_path / "results" / "results.csv")
     assert sorted(set(table["shots"])) == [1, 2] and set(table["dataset"]) == {"pneumoniamnist_mini"}
     assert len(table) == 4
+
+
+def test_training_free_notebook_records_the_selection_protocol(tmp_path):
+    out = tmp_path / "out.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(wb.repo_root() / "notebooks" / "02_training_free.ipynb"), str(out),
+           "--cwd", str(tmp_path), "-p", "output_dir", str(tmp_path / "results"), "-p", "shots", "[2]",
+           "-p", "seeds", "[1]", "-p", "selection", "full_val", "-p", "methods", '["zero_shot", "gda", "tip_adapter"]']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    choices = wb.report.fit_choices(tmp_path / "results")
+    assert set(choices["method"]) == {"zero_shot", "gda", "tip_adapter"}
+    assert set(choices.dropna(subset=["selection"])["selection"]) == {"full_val"}
+    assert (choices[choices.method == "gda"]["selection_images"] == 40).all()  # the whole val split: 20 per class

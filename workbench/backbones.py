@@ -187,11 +187,11 @@ class Backbone:
     def autocast(self):
         return autocast_context(self.device, self.precision)
 
-    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised float32 image features on the backbone's device (no gradient)."""
+    def encode_images(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Float32 image features on the backbone's device (no gradient), L2-normalised unless asked not to."""
         with torch.inference_mode(), self.autocast():
             feats = self.model.encode_image(pixels.to(self.device, non_blocking=True))
-        return F.normalize(feats.float(), dim=-1)
+        return F.normalize(feats.float(), dim=-1) if normalize else feats.float()
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))

@@ -10,8 +10,10 @@ entry that later loads as valid; each entry also stores a checksum of its arrays
 truncated or corrupted entry is detected on load and rebuilt.
 
 Augmented views (Tip-Adapter, GDA: 10 passes of RandomResizedCrop + flip over the support set)
-are stored per view, ``[views, N, D]``; callers choose to keep them as separate samples (GDA)
-or average them per image (Tip-Adapter) with :meth:`Features.flat` / :meth:`Features.mean_views`.
+are stored per view, ``[views, N, D]``, *before* L2 normalisation (Tip-Adapter averages the raw
+view features and normalises the mean); callers choose to keep them as separate normalised
+samples (GDA) or average them per image (Tip-Adapter) with :meth:`Features.flat` /
+:meth:`Features.mean_views`.
 Each view of each image gets its own RNG seed, so results do not depend on batch size or on
 the number of DataLoader workers.
 """
@@ -34,27 +36,32 @@ from .data.dataset import Dataset, Sample
 from .data.images import UnreadableImage
 from .progress import progress
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 @dataclass
 class Features:
-    """Encoded images: ``views`` is ``[V, N, D]`` (V=1 for the plain eval transform)."""
+    """Encoded images: ``raw`` is ``[V, N, D]`` unnormalised (V=1 for the plain eval transform)."""
 
-    views: torch.Tensor
+    raw: torch.Tensor
     labels: torch.Tensor
     ids: list[str]
     skipped: list[dict] = field(default_factory=list)
     key: str = ""
 
     @property
+    def views(self) -> torch.Tensor:
+        """``[V, N, D]``, each view L2-normalised."""
+        return torch.nn.functional.normalize(self.raw, dim=-1)
+
+    @property
     def x(self) -> torch.Tensor:
-        """``[N, D]``: the single eval view, or the view average re-normalised."""
-        return self.views[0] if self.views.shape[0] == 1 else self.mean_views()
+        """``[N, D]`` normalised: the single eval view, or the view average re-normalised."""
+        return self.views[0] if self.raw.shape[0] == 1 else self.mean_views()
 
     def mean_views(self) -> torch.Tensor:
-        """Average the augmented views per image, then L2-normalise (Tip-Adapter's cache keys)."""
-        return torch.nn.functional.normalize(self.views.mean(0), dim=-1)
+        """Average the raw view features per image, then L2-normalise (Tip-Adapter's ``build_cache_model``)."""
+        return torch.nn.functional.normalize(self.raw.mean(0), dim=-1)
 
     def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every view as its own sample (GDA): ``([V*N, D], [V*N])``."""
@@ -68,7 +75,8 @@ class Features:
 class _ImageSet(TorchDataset):
     """Yields (view, position, pixels) or (view, position, reason) for unreadable images."""
 
-    def __init__(self, dataset: Dataset, samples: Sequence[Sample], transform, n_views: int, aug_seed: int | None):
+    def __init__(self, dataset: Dataset, samples: Sequence[Sample], transform, n_views: int,
+                 aug_seed: int | str | None):
         self.reader = dataset.reader
         self.samples = list(samples)
         self.transform = transform
@@ -146,7 +154,7 @@ class FeatureCache:
 
     # -- public API -------------------------------------------------------------------------
     def get(self, dataset: Dataset, samples: Sequence[Sample] | Sequence[str], *, views: int = 0,
-            aug_seed: int = 0, aug_scale: tuple[float, float] = (0.5, 1.0), flip: bool = True,
+            aug_seed: int | str = 0, aug_scale: tuple[float, float] = (0.5, 1.0), flip: bool = True,
             desc: str | None = None) -> Features:
         """Features for ``samples``: ``views=0`` is the eval transform; ``views=10`` is 10 augmented passes."""
         if views < 0:
@@ -196,7 +204,7 @@ class FeatureCache:
             for v, p, reason in bad:
                 reasons[p] = reason
             if pixels is not None:
-                feats = self.backbone.encode_images(pixels).cpu()
+                feats = self.backbone.encode_images(pixels, normalize=False).cpu()
                 if out is None:
                     dim = feats.shape[-1]
                     out = torch.zeros(n_views, n, dim)
@@ -215,7 +223,7 @@ class FeatureCache:
                                   f"{skipped[0]['reason'] if skipped else 'no images'}")
         idx = np.flatnonzero(keep)
         labels = torch.tensor([samples[i].label for i in idx], dtype=torch.long)
-        return Features(views=out[:, idx].contiguous(), labels=labels, ids=[samples[i].id for i in idx],
+        return Features(raw=out[:, idx].contiguous(), labels=labels, ids=[samples[i].id for i in idx],
                         skipped=skipped)
 
     # -- disk -------------------------------------------------------------------------------
@@ -229,7 +237,7 @@ class FeatureCache:
 
     def _save(self, path: Path, key: str, feats: Features) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        views = feats.views.numpy().astype(np.float32)
+        views = feats.raw.numpy().astype(np.float32)
         labels = feats.labels.numpy()
         meta = {"key": key, "format": CACHE_FORMAT, "checksum": self._checksum(views, labels, feats.ids),
                 "skipped": feats.skipped, "backbone": self.backbone.provenance_id}
@@ -264,5 +272,5 @@ class FeatureCache:
             except OSError:
                 pass
             return None
-        return Features(views=torch.from_numpy(views), labels=torch.from_numpy(labels), ids=ids,
+        return Features(raw=torch.from_numpy(views), labels=torch.from_numpy(labels), ids=ids,
                         skipped=meta.get("skipped", []), key=key)

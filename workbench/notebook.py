@@ -90,6 +90,8 @@ def _check_values(values: dict) -> None:
                                   f"{'positive' if key == 'shots' else 'non-negative'} integers, got {vals!r}.")
     if "device" in values:
         resolve_device(values["device"])
+    if "selection" in values and values["selection"] not in ("kshot_val", "full_val"):
+        raise ConfigError(f"parameter 'selection': expected 'kshot_val' or 'full_val', got {values['selection']!r}.")
     if "dataset" in values and values["dataset"]:
         from .domains import spec_path
 
@@ -121,3 +123,19 @@ def check_parameters(namespace: dict, notebook: str) -> dict:
                               f"got {values[k]!r}.")
     _check_values(values)
     return values
+
+
+def selection_params(methods, selection: str) -> dict:
+    """``method_params`` that set ``selection`` on every chosen method that has such a hyper-parameter."""
+    import dataclasses
+
+    from .methods import method_class
+
+    if selection not in ("kshot_val", "full_val"):
+        raise ConfigError(f"selection must be 'kshot_val' or 'full_val', got {selection!r}.")
+    out = {}
+    for m in methods:
+        fields = {f.name for f in dataclasses.fields(method_class(m).Config)}
+        if "selection" in fields:
+            out[m] = {"selection": selection}
+    return out

@@ -44,3 +44,22 @@ def results_table(path) -> pd.DataFrame:
     if not path.is_file():
         raise ConfigError(f"results file {str(path)!r} does not exist.")
     return pd.read_csv(path)
+
+
+def fit_choices(out_dir, methods=None) -> pd.DataFrame:
+    """What fitting chose in each run (β, α, C, epochs, selection set), read from the provenance records."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for path in sorted(Path(out_dir).glob("runs/*/provenance.json")):
+        record = json.loads(path.read_text())
+        row = record["row"]
+        if methods and row["method"] not in methods:
+            continue
+        info = {k: v for k, v in record["method"]["fit_info"].items()
+                if isinstance(v, (int, float, str, bool)) or v is None}
+        rows.append({"method": row["method"], "shots": row["shots"], "seed": row["seed"],
+                     "accuracy": row["accuracy"], **info})
+    table = pd.DataFrame(rows)
+    return table.sort_values(["method", "shots", "seed"]).reset_index(drop=True) if not table.empty else table

@@ -1,0 +1,166 @@
+"""GDA: Gaussian discriminant analysis on CLIP features (Wang et al., "A Hard-to-Beat Baseline for
+Training-free CLIP-based Adaptation", ICLR 2024; reference code mrflogs/ICLR24
+``main_few_shots.py`` and ``main_base2new.py``).
+
+Estimation (``main_few_shots.py:run``):
+
+* features of ``augment_views = 10`` passes of RandomResizedCrop(scale 0.5–1) + flip over the
+  support set, each L2-normalised and **kept as separate samples** (N = 10·K·C);
+* class means μ_k; every sample centred on its own class mean; ``cov`` the sample covariance
+  of the centred vectors (``torch.cov``, divides by N − 1);
+* the reference's shrinkage ("KS estimator") inverse ``Σ⁻¹ = D · pinv((N − 1)·cov + tr(cov)·I)``;
+* uniform priors π_k = 1/C, ``W = Σ⁻¹μ`` and ``b_k = log π_k − ½ μ_kᵀ Σ⁻¹ μ_k``;
+* ``logits = logit_scale · f·Tᵀ (+ logit_bias) + α · (f·W + b)``, α from
+  {1e-4, 1e-3, 1e-2, 0.1, 1, 10, 100} by accuracy (strict ``>``, first best wins, 0.1 if none
+  beats zero accuracy). The reference hard-codes 100 for the zero-shot scale; we use the
+  backbone's own (100 for OpenAI CLIP).
+
+``covariance="pooled"`` is ``main_base2new.py``'s estimate for the base classes:
+``Σ⁻¹ = pinv(mean_k cov_k)``. :meth:`GDA.new_class_head` synthesises classifiers for classes
+never seen in the support set from the nearest support features of their text embeddings,
+as ``main_base2new.py`` does (see :mod:`workbench.base2new`).
+
+Selection: the reference tunes α on the full validation split (ImageNet: on test). Default
+here is the K-shot validation set of the few-shot split (``selection="kshot_val"``);
+``"full_val"`` reproduces the papers' protocol. The test split is never read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from .base import Method, register
+
+ALPHAS = [1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0]
+
+
+def ks_inverse_covariance(centred: torch.Tensor) -> torch.Tensor:
+    """``D · pinv((N−1)·cov + tr(cov)·I)`` of already class-centred vectors ``[N, D]`` (float64)."""
+    x = centred.double()
+    n, d = x.shape
+    cov = torch.cov(x.T)
+    return d * torch.linalg.pinv((n - 1) * cov + torch.trace(cov) * torch.eye(d, dtype=x.dtype))
+
+
+def pooled_inverse_covariance(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``pinv(mean_k cov_k)``: ``main_base2new.py``'s estimate for the base classes."""
+    covs = torch.stack([torch.cov(x[y == k].double().T) for k in range(n_classes)])
+    return torch.linalg.pinv(covs.mean(0))
+
+
+def linear_head(means: torch.Tensor, cov_inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W [D, C]`` and ``b [C]`` of the Gaussian discriminant with uniform priors."""
+    means = means.double()
+    c = means.shape[0]
+    w = torch.einsum("nd,dc->cn", means, cov_inv)
+    b = math.log(1.0 / c) - torch.einsum("nd,dc,nc->n", means, cov_inv, means) / 2
+    return w, b
+
+
+@dataclass
+class GDAConfig:
+    #: augmented passes of the support set, kept as separate samples
+    augment_views: int = 10
+    aug_scale: list = field(default_factory=lambda: [0.5, 1.0])
+    #: candidate weights α of the GDA logits against the zero-shot logits
+    alphas: list = field(default_factory=lambda: list(ALPHAS))
+    #: "ks" (few-shot reference) or "pooled" (the base-to-new reference's base classes)
+    covariance: str = "ks"
+    #: "kshot_val" (default, leak-free) or "full_val" (the papers' protocol)
+    selection: str = "kshot_val"
+    #: α kept when no candidate beats zero accuracy (the reference's initial value)
+    default_alpha: float = 0.1
+
+
+@register("gda")
+class GDA(Method):
+    Config = GDAConfig
+
+    def fit(self, task) -> "GDA":
+        cfg = self.config
+        if cfg.covariance not in ("ks", "pooled"):
+            raise ConfigError(f"gda: covariance must be 'ks' or 'pooled', got {cfg.covariance!r}.")
+        support = task.support(views=cfg.augment_views, aug_scale=tuple(cfg.aug_scale))
+        x, y = support.flat()
+        x = x.double()
+        c = task.n_classes
+        present = torch.bincount(y, minlength=c)
+        if (present == 0).any():
+            missing = [task.class_names[i] for i in torch.nonzero(present == 0).flatten().tolist()]
+            raise ValueError(f"gda: no support features for class(es) {missing}; every class needs an image.")
+        means = torch.stack([x[y == k].mean(0) for k in range(c)])
+        if cfg.covariance == "ks":
+            cov_inv = ks_inverse_covariance(x - means[y])
+        else:
+            cov_inv = pooled_inverse_covariance(x, y, c)
+        self.weight, self.bias_gda = linear_head(means, cov_inv)
+        self.text_weights = task.text_classifier()
+        self.scale = torch.tensor(task.backbone.logit_scale)
+        self.bias = torch.tensor(task.backbone.logit_bias or 0.0)
+        self.class_names = task.class_names
+        self.support_vecs = x.float()   # kept for new-class synthesis (base-to-new)
+        self.cov_inv = cov_inv
+        alpha, info = self._select_alpha(task)
+        self.alpha = torch.tensor(alpha, dtype=torch.float64)
+        self.fit_info = {"alpha": alpha, "n_samples": int(x.shape[0]), "covariance": cfg.covariance,
+                         "templates": list(task.templates), **info}
+        return self
+
+    def _zero_shot(self, features):
+        return self.scale.double() * features.double() @ self.text_weights.double().T + self.bias.double()
+
+    def _gda(self, features):
+        return features.double() @ self.weight + self.bias_gda
+
+    def _select_alpha(self, task):
+        cfg = self.config
+        val = task.selection_set(cfg.selection)
+        if val is None or len(val) == 0:
+            return cfg.default_alpha, {"selection": "none (no validation images): default_alpha kept"}
+        zs, g = self._zero_shot(val.x), self._gda(val.x)
+        alphas = torch.tensor(cfg.alphas, dtype=torch.float64)
+        logits = zs[None] + alphas[:, None, None] * g[None]                  # [A, N, C]
+        acc = (logits.argmax(-1) == val.labels).double().mean(-1)
+        best, best_alpha = 0.0, cfg.default_alpha
+        for a, v in zip(cfg.alphas, acc.tolist()):   # strict '>', first best wins, as the reference
+            if v > best:
+                best, best_alpha = v, a
+        return float(best_alpha), {"selection": cfg.selection, "selection_images": len(val),
+                                   "selection_accuracy": {str(a): v for a, v in zip(cfg.alphas, acc.tolist())}}
+
+    def predict_logits(self, features: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return (self._zero_shot(features) + self.alpha * self._gda(features)).float()
+
+    def new_class_head(self, new_text_weights: torch.Tensor, k: int = 64, text_copies: int = 16):
+        """Classifier ``(W, b)`` for unseen classes, synthesised as ``main_base2new.py`` does.
+
+        For each new class text embedding ``w``: its ``k`` most similar support features; the
+        class mean is the mean of those features and ``text_copies`` copies of ``w``; the
+        covariance is the KS estimate of those ``k`` features centred on ``w``, averaged over the
+        new classes. (The reference hard-codes D = 512; we use the feature dimension.)
+        """
+        self._check_fitted()
+        vecs = self.support_vecs.double()
+        texts = new_text_weights.double()
+        k = min(k, vecs.shape[0])
+        d = vecs.shape[1]
+        means, inverses = [], []
+        for w in texts:
+            near = vecs[torch.topk(w @ vecs.T, k=k).indices]
+            means.append(torch.cat([near, w[None].repeat(text_copies, 1)]).mean(0))
+            centred = near - w[None]
+            cov = centred.T @ centred / (k - 1)
+            inverses.append(d * torch.linalg.pinv((k - 1) * cov + torch.trace(cov) * torch.eye(d, dtype=cov.dtype)))
+        return linear_head(torch.stack(means), torch.stack(inverses).mean(0))
+
+    def state(self):
+        return {"weight": self.weight, "bias_gda": self.bias_gda, "text_weights": self.text_weights, "scale": self.scale,
+                "bias": self.bias, "alpha": self.alpha, "support_vecs": self.support_vecs, "cov_inv": self.cov_inv}
+
+    def load_state(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)

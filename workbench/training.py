@@ -1,0 +1,186 @@
+"""The one training loop every trained method goes through.
+
+What it takes care of, so a method only writes its loss:
+
+* device and precision: autocast (fp16/bf16) on CUDA with a gradient scaler for fp16, fp32 on
+  CPU and MPS;
+* the learning-rate schedule, set explicitly at every step from (step, epoch): per-iteration
+  cosine (Tip-Adapter-F, CLIP-LoRA: ``CosineAnnealingLR`` stepped each iteration) or Dassl's
+  per-epoch cosine after a constant warm-up epoch (CoOp). No scheduler object holds state, so
+  a resumed run gets exactly the same learning rates;
+* optional gradient clipping; deterministic seeding (batch order per epoch comes from a
+  generator seeded by (seed, epoch); the torch RNG state is checkpointed for dropout);
+* a progress bar with loss and learning rate;
+* a NaN/inf guard: training stops with the step, epoch and a hint instead of going on;
+* periodic checkpoints (atomic) of the trainable state, optimizer, scaler, RNG and counters, so
+  an interrupted run resumes where it stopped and ends with the same weights.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+from .backbones import autocast_context
+from .errors import WorkbenchError
+from .progress import progress
+
+
+class TrainingDiverged(WorkbenchError, RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    #: stop after this many optimizer steps (CLIP-LoRA counts iterations, not epochs); None = epochs only
+    max_steps: int | None = None
+    optimizer: str = "adamw"             # "adamw" or "sgd"
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    momentum: float = 0.9
+    #: "cosine_step" (per iteration, eta_min at the last step), "cosine_epoch" (Dassl, per epoch), "constant"
+    schedule: str = "cosine_step"
+    eta_min: float = 0.0
+    warmup_epochs: int = 0               # Dassl constant warm-up: lr = warmup_lr for these epochs
+    warmup_lr: float = 1e-5
+    grad_clip: float | None = None
+    seed: int = 0
+    checkpoint_every: int | None = None  # epochs between checkpoints (needs a checkpoint_dir)
+
+
+def learning_rate(cfg: TrainConfig, step: int, epoch: int, total_steps: int) -> float:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine_step":
+        t = min(step, total_steps) / max(total_steps, 1)
+        return cfg.eta_min + (cfg.lr - cfg.eta_min) * (1 + math.cos(math.pi * t)) / 2
+    if cfg.schedule == "cosine_epoch":
+        if epoch < cfg.warmup_epochs:
+            return cfg.warmup_lr
+        t = (epoch - cfg.warmup_epochs) / max(cfg.epochs, 1)
+        return cfg.eta_min + (cfg.lr - cfg.eta_min) * (1 + math.cos(math.pi * t)) / 2
+    raise ValueError(f"unknown schedule {cfg.schedule!r}")
+
+
+def _optimizer(cfg: TrainConfig, params):
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'sgd'")
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
+          epoch_batches: Callable[[int, torch.Generator], Iterable], cfg: TrainConfig, *,
+          device: torch.device, precision: str = "fp32", checkpoint_dir=None,
+          steps_per_epoch: int | None = None, desc: str = "train", show_progress: bool = True,
+          stop_after_epoch: int | None = None, on_epoch_end: Callable[[int], None] | None = None) -> dict:
+    """Optimise the trainable parameters of ``module``; returns a history dict.
+
+    ``epoch_batches(epoch, generator)`` yields the batches of one epoch (use the generator for
+    any shuffling); ``loss_fn(batch)`` runs the forward pass and returns the loss. With
+    ``checkpoint_dir`` the run resumes from ``checkpoint_dir/last.pt`` if it exists.
+    ``stop_after_epoch`` ends the run early (used by tests to simulate an interruption);
+    ``on_epoch_end(epoch)`` runs after each epoch (e.g. validation-based epoch selection).
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
+    optimizer = _optimizer(cfg, params)
+    use_scaler = device.type == "cuda" and precision == "amp_fp16"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    steps_per_epoch = steps_per_epoch or sum(1 for _ in epoch_batches(0, torch.Generator().manual_seed(0)))
+    total = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps) if cfg.epochs else cfg.max_steps
+    history = {"loss": [], "lr": [], "epoch_loss": [], "resumed_from_epoch": None}
+    step, start_epoch = 0, 0
+    ckpt_path = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    if ckpt_path is not None and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg):
+            raise WorkbenchError(f"checkpoint {ckpt_path} was written with other training settings; delete it or "
+                                 "use another checkpoint_dir.")
+        module.load_state_dict(state["trainable"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"])
+        step, start_epoch, history = state["step"], state["epoch"], state["history"]
+        history["resumed_from_epoch"] = start_epoch
+
+    trainable_names = {n for n, p in module.named_parameters() if p.requires_grad}
+
+    def checkpoint(epoch_done: int):
+        if ckpt_path is None:
+            return
+        trainable = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in trainable_names}
+        _save_atomic({"trainable": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                      "rng": torch.get_rng_state(), "step": step, "epoch": epoch_done, "history": history,
+                      "config": asdict(cfg)}, ckpt_path)
+
+    bar = progress(total=total, initial=step, desc=desc, unit="step", disable=not show_progress)
+    module.train()
+    epoch = start_epoch
+    while epoch < cfg.epochs and step < total:
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        losses = []
+        for batch in epoch_batches(epoch, gen):
+            if step >= total:
+                break
+            lr = learning_rate(cfg, step, epoch, total)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast_context(device, precision):
+                loss = loss_fn(batch)
+            if not torch.isfinite(loss.detach()).all():
+                bar.close()
+                raise TrainingDiverged(f"{desc}: loss became {loss.item()} at step {step} (epoch {epoch}, lr {lr:.2e}). "
+                                       "Lower the learning rate, or train in fp32 (precision='fp32').")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.grad_clip:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            losses.append(float(loss.detach()))
+            history["loss"].append(losses[-1])
+            history["lr"].append(lr)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr:.2e}", refresh=False)
+        history["epoch_loss"].append(sum(losses) / max(len(losses), 1))
+        if on_epoch_end is not None:
+            module.eval()
+            on_epoch_end(epoch)
+            module.train()
+        epoch += 1
+        if cfg.checkpoint_every and (epoch % cfg.checkpoint_every == 0):
+            checkpoint(epoch)
+        if stop_after_epoch is not None and epoch >= stop_after_epoch:
+            break
+    bar.close()
+    module.eval()
+    history["steps"] = step
+    history["epochs_done"] = epoch
+    return history
