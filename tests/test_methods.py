@@ -88,7 +88,7 @@ def test_linear_probe_binary_logits_give_sklearn_probabilities(backbone, cache, 
 def test_save_and_load_give_identical_logits(shapes, backbone, cache, tmp_path, quiet):
     task = _task(shapes, backbone, cache)
     feats = cache.get(shapes, shapes.split("test")).x
-    for name in wb.available_methods():
+    for name in ["zero_shot", "linear_probe", "tip_adapter", "tip_adapter_f", "gda"]:  # fine-tuning: test_fine_tuning
         m = wb.get_method(name).fit(task)
         back = Method.load(m.save(tmp_path / name))
         assert type(back) is type(m) and back.class_names == m.class_names and back.fit_info == m.fit_info

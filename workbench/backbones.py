@@ -211,6 +211,13 @@ class Backbone:
             raise BackboneError("text_features() needs at least one text.")
         return torch.stack([self._text_cache[t] for t in texts])
 
+    def with_model(self, model: torch.nn.Module, adapted_by: str) -> "Backbone":
+        """The same backbone with another (adapted) model: new weights hash, fresh text cache."""
+        import dataclasses
+
+        return dataclasses.replace(self, model=model, _weights_hash=None, _text_cache={},
+                                   source=dict(self.source, adapted_by=adapted_by))
+
     def __repr__(self) -> str:
         return (f"Backbone({self.name!r}, pretrained={self.pretrained!r}, device={self.device}, "
                 f"precision={self.precision}, image_size={self.image_size})")

@@ -105,7 +105,12 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     method.fit(task)
     fit_seconds = time.perf_counter() - t0
 
-    test = cache.get(dataset, dataset.split("test"), desc="test")
+    encoder = method.image_backbone(backbone)
+    if encoder is backbone:
+        test = cache.get(dataset, dataset.split("test"), desc="test")
+    else:  # the method adapted the image encoder: its features are its own (kept in memory only)
+        test = FeatureCache(encoder, None, batch_size=cache.batch_size, num_workers=cache.num_workers,
+                            show_progress=cache.show_progress).get(dataset, dataset.split("test"), desc="test (adapted)")
     t0 = time.perf_counter()
     with torch.no_grad():
         logits = method.predict_logits(test.x).float()

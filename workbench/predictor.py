@@ -44,7 +44,8 @@ class Predictor:
                                       f"{err}") from None
         if not pixels:
             raise ConfigError("predict() needs at least one image.")
-        feats = torch.cat([self.backbone.encode_images(torch.stack(pixels[i:i + 64])).cpu()
+        encoder = self.method.image_backbone(self.backbone)
+        feats = torch.cat([encoder.encode_images(torch.stack(pixels[i:i + 64])).cpu()
                            for i in range(0, len(pixels), 64)])
         return self.method.predict_logits(feats)
 
@@ -85,7 +86,7 @@ class Predictor:
             raise BackboneError(f"{str(folder)!r} was fitted on backbone {spec['name']!r} with weights "
                                 f"{spec['weights_hash'][:16]}, but loading it now gives {backbone.weights_hash[:16]}; "
                                 "the checkpoint changed. Re-fit, or restore the original weights file.")
-        method = Method.load(folder / "method")
+        method = Method.load(folder / "method", backbone=backbone)
         return cls(backbone, method, templates=meta.get("templates"), metrics=meta.get("metrics"))
 
 

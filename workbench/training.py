@@ -103,6 +103,8 @@ def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
     ``stop_after_epoch`` ends the run early (used by tests to simulate an interruption);
     ``on_epoch_end(epoch)`` runs after each epoch (e.g. validation-based epoch selection).
     """
+    if cfg.epochs < 1:
+        raise WorkbenchError(f"{desc}: epochs must be at least 1, got {cfg.epochs}.")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{desc}: nothing to train (no parameter requires grad)")
@@ -184,3 +186,38 @@ def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
     history["steps"] = step
     history["epochs_done"] = epoch
     return history
+
+
+class ImageBatches:
+    """Shuffled, augmented image batches of a support set, for methods that train an encoder.
+
+    Images are decoded once and kept in memory (a few-shot support set is small). Each
+    (epoch, image) gets its own augmentation seed, so batches are identical whatever the
+    worker count and after resuming from a checkpoint.
+    """
+
+    def __init__(self, images, labels, transform, batch_size: int, seed: int, device: torch.device):
+        self.images = list(images)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def _pixels(self, epoch: int, index: int) -> torch.Tensor:
+        import hashlib
+
+        seed = int(hashlib.sha256(f"{self.seed}/{epoch}/{index}".encode()).hexdigest()[:15], 16)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(self.images[index])
+
+    def __call__(self, epoch: int, generator: torch.Generator):
+        order = torch.randperm(len(self.images), generator=generator)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size].tolist()
+            pixels = torch.stack([self._pixels(epoch, i) for i in idx]).to(self.device, non_blocking=True)
+            yield pixels, self.labels[idx].to(self.device)

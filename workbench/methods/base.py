@@ -96,11 +96,22 @@ class Method:
         if self.class_names is None:
             raise RuntimeError(f"{self.name}: call fit(task) (or load a saved method) before predicting.")
 
+    def image_backbone(self, backbone):
+        """The backbone whose image features ``predict_logits`` expects: the frozen one, unless the
+        method adapts the image encoder (CLIP-LoRA), which returns its adapted copy."""
+        return backbone
+
+    def after_load(self, folder: Path, backbone) -> None:
+        """Hook for methods that need the backbone to rebuild themselves (LoRA adapters)."""
+
     def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.predict_logits(features).float(), dim=-1)
 
     def describe(self) -> dict:
         return {"method": self.name, "config": dataclasses.asdict(self.config), "fit_info": self.fit_info}
+
+    def save_extra(self, folder: Path) -> None:
+        """Hook: anything beyond tensors (peft adapters) goes here."""
 
     def save(self, folder) -> Path:
         """Write ``method.json`` (name, config, class names, what fitting chose) and ``state.safetensors``."""
@@ -113,10 +124,11 @@ class Method:
                 "class_names": self.class_names, "fit_info": self.fit_info}
         (folder / "method.json").write_text(json.dumps(meta, indent=1, default=str))
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state().items()}, str(folder / "state.safetensors"))
+        self.save_extra(folder)
         return folder
 
     @staticmethod
-    def load(folder) -> "Method":
+    def load(folder, backbone=None) -> "Method":
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -129,4 +141,5 @@ class Method:
         method.class_names = list(meta["class_names"])
         method.fit_info = meta.get("fit_info", {})
         method.load_state(load_file(str(folder / "state.safetensors")))
+        method.after_load(folder, backbone)
         return method

@@ -1,0 +1,156 @@
+"""Separate q/k/v projections inside open_clip towers, and LoRA on them through peft.
+
+CLIP-LoRA (Zanella & Ben Ayed, CVPRW 2024; MaxZanella/CLIP-LoRA ``loralib/layers.py``
+``PlainMultiheadAttentionLoRA``) puts LoRA on the query, key and value projections separately.
+open_clip's native towers use a fused ``nn.MultiheadAttention`` (one ``in_proj_weight``), and
+peft's own MHA support adapts the fused in-projection *and* the output projection together, so
+it cannot target q, k, v separately. We therefore
+
+* replace every ``nn.MultiheadAttention`` by :class:`SplitAttention` — the same computation with
+  ``q_proj``, ``k_proj``, ``v_proj`` and ``out_proj`` as separate ``nn.Linear`` layers (outputs
+  equal to float rounding; the tests check 1e-6);
+* replace a timm-style fused ``qkv`` Linear (BiomedCLIP's vision tower) by :class:`SplitQKV`,
+  three Linears whose concatenated output is the fused one;
+* leave Hugging Face text towers alone: BERT already has separate ``query``/``key``/``value``;
+
+then point a peft ``LoraConfig`` at exactly the chosen Linear layers (:func:`lora_target_names`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+
+class SplitAttention(nn.Module):
+    """``nn.MultiheadAttention`` with separate q/k/v/out ``nn.Linear`` layers (same call signature)."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha._qkv_same_embed_dim:
+            raise ConfigError("attention with different key/value dimensions cannot be split yet")
+        d = mha.embed_dim
+        self.embed_dim, self.num_heads, self.dropout = d, mha.num_heads, mha.dropout
+        self.batch_first = mha.batch_first
+        has_bias = mha.in_proj_bias is not None
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=has_bias) for _ in range(3))
+        with torch.no_grad():
+            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                proj.weight.copy_(mha.in_proj_weight[i * d:(i + 1) * d])
+                if has_bias:
+                    proj.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
+        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+        self.out_proj.load_state_dict(mha.out_proj.state_dict())
+        self.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None, **_):
+        if not self.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        n, lq, _ = query.shape
+        ls = key.shape[1]
+        h, hd = self.num_heads, self.embed_dim // self.num_heads
+        q = self.q_proj(query).view(n, lq, h, hd).transpose(1, 2)
+        k = self.k_proj(key).view(n, ls, h, hd).transpose(1, 2)
+        v = self.v_proj(value).view(n, ls, h, hd).transpose(1, 2)
+        mask = None
+        if attn_mask is not None:
+            mask = attn_mask
+            if mask.dtype == torch.bool:  # MHA: True = not allowed
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+            mask = mask.to(q.dtype)
+            mask = mask.view(n, h, lq, ls) if mask.dim() == 3 else mask
+        if key_padding_mask is not None:
+            pad = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            pad = pad.masked_fill(key_padding_mask.bool(), float("-inf")).view(n, 1, 1, ls)
+            mask = pad if mask is None else mask + pad
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+class SplitQKV(nn.Module):
+    """A fused ``qkv`` Linear (timm attention) as three Linears whose outputs are concatenated."""
+
+    def __init__(self, fused: nn.Linear):
+        super().__init__()
+        d = fused.in_features
+        if fused.out_features != 3 * d:
+            raise ConfigError(f"fused qkv layer has {fused.out_features} outputs, expected 3 x {d}")
+        bias = fused.bias is not None
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=bias) for _ in range(3))
+        with torch.no_grad():
+            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+                proj.weight.copy_(fused.weight[i * d:(i + 1) * d])
+                if bias:
+                    proj.bias.copy_(fused.bias[i * d:(i + 1) * d])
+        self.to(fused.weight.device, fused.weight.dtype)
+
+    def forward(self, x):
+        return torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+
+
+def split_attention(model: nn.Module) -> int:
+    """Split every fused attention projection in ``model`` in place; returns how many were split."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.MultiheadAttention):
+                setattr(module, child_name, SplitAttention(child))
+                count += 1
+            elif (child_name == "qkv" and isinstance(child, nn.Linear)
+                  and child.out_features == 3 * child.in_features):
+                setattr(module, child_name, SplitQKV(child))
+                count += 1
+    return count
+
+
+_MATRIX_PATTERNS = {
+    "q": (r"\.q_proj$", r"\.query$"),
+    "k": (r"\.k_proj$", r"\.key$"),
+    "v": (r"\.v_proj$", r"\.value$"),
+    "o": (r"attn\.out_proj$", r"attn\.proj$", r"attention\.output\.dense$"),
+}
+
+
+def _tower(name: str) -> str:
+    return "vision" if name.startswith(("visual.", "base_model.model.visual.")) else "text"
+
+
+def _block(name: str) -> int | None:
+    m = re.search(r"(?:resblocks|blocks|layer)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def lora_target_names(model: nn.Module, encoder: str = "both", matrices: Sequence[str] = ("q", "k", "v"),
+                      blocks: str | Iterable[int] = "all") -> list[str]:
+    """Full names of the Linear layers CLIP-LoRA adapts: chosen towers, matrices and block indices."""
+    if encoder not in ("vision", "text", "both"):
+        raise ConfigError(f"encoder must be 'vision', 'text' or 'both', got {encoder!r}.")
+    unknown = sorted(set(matrices) - set(_MATRIX_PATTERNS))
+    if unknown:
+        raise ConfigError(f"unknown LoRA matrix {unknown[0]!r}; choose from q, k, v, o.")
+    wanted_blocks = None if blocks == "all" else {int(b) for b in blocks}
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if encoder != "both" and _tower(name) != encoder:
+            continue
+        if not any(re.search(p, name) for m in matrices for p in _MATRIX_PATTERNS[m]):
+            continue
+        blk = _block(name)
+        if wanted_blocks is not None and blk not in wanted_blocks:
+            continue
+        names.append(name)
+    if not names:
+        raise ConfigError(f"no Linear layers match encoder={encoder!r}, matrices={list(matrices)}, blocks={blocks!r}. "
+                          "Did split_attention() run on this model?")
+    return names

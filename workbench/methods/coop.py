@@ -1,0 +1,230 @@
+"""CoOp: context optimisation (Zhou et al., "Learning to Prompt for Vision-Language Models", IJCV
+2022; reference code KaiyangZhou/CoOp ``trainers/coop.py``, ``configs/trainers/CoOp/*.yaml``,
+Dassl defaults).
+
+Learnable context vectors live in the text encoder's token-embedding space: the prompt of
+class c is ``[SOS][ctx_1 … ctx_M][CLASS][.][EOS]`` (class token at the end; ``middle`` and
+``front`` as in the reference). ``n_ctx = 16`` vectors drawn from N(0, 0.02) shared by all
+classes, or initialised from words (``ctx_init="a photo of a"`` → 4 vectors), or one set per
+class (``csc=True``). Only the context vectors are trained. Logits are
+``logit_scale · cos(f_img, f_txt(ctx))``.
+
+Training: SGD(lr 0.002, momentum 0.9, weight decay 5e-4), batch 32, cosine per epoch after one
+warm-up epoch at a constant 1e-5 (Dassl's ``ConstantWarmupScheduler``), epochs 50/100/100/200/200
+for K = 1/2/4/8/16, RandomResizedCrop(scale 0.08–1) + flip, mixed precision on CUDA; the last
+epoch is kept. The image encoder is frozen, so its features of every epoch's fresh augmentation
+come from the feature cache (one augmented view per epoch, ``augment_views`` to cap it) and each
+step only runs the text encoder — with all class prompts, as the reference does.
+
+Supported text towers: open_clip's native CLIP text transformer (OpenAI/LAION/DFN ViTs, RemoteCLIP,
+GeoRSCLIP, BioCLIP, QuiltNet, the offline default) and Hugging Face text towers (BiomedCLIP's
+PubMedBERT; BiomedCoOp runs CoOp on it). Others (SigLIP's ``TextTransformer``, MobileCLIP) raise
+a clear error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..training import TrainConfig, train
+from .base import Method, register
+
+EPOCHS_BY_SHOTS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+
+
+def default_epochs(shots: int) -> int:
+    """The reference schedule: 50/100/100/200/200 epochs for K = 1/2/4/8/16 (other K: the next lower K's)."""
+    return EPOCHS_BY_SHOTS[max(k for k in EPOCHS_BY_SHOTS if k <= max(shots, 1))]
+
+
+class TextTower:
+    """Runs a model's text encoder from token *embeddings*, so context vectors can be learned."""
+
+    def __init__(self, model):
+        self.model = model
+        text = getattr(model, "text", None)
+        if hasattr(model, "token_embedding") and hasattr(model, "transformer"):
+            self.kind = "clip"
+            self.embedding = model.token_embedding
+        elif text is not None and type(text).__name__ == "HFTextEncoder":
+            self.kind = "hf"
+            self.embedding = text.transformer.get_input_embeddings()
+        else:
+            raise ConfigError(f"CoOp supports open_clip's native CLIP text tower and Hugging Face text towers; this "
+                              f"model's text tower is {type(text or model).__name__} (e.g. SigLIP, MobileCLIP), which "
+                              "is not supported yet.")
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embedding(tokens)
+
+    def encode(self, embeddings: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features (unnormalised) from ``[C, L, W]`` embeddings; ``tokens`` give EOT/padding positions."""
+        m = self.model
+        if self.kind == "clip":
+            from open_clip.transformer import text_global_pool
+
+            cast = m.transformer.get_cast_dtype()
+            x = embeddings.to(cast) + m.positional_embedding.to(cast)
+            x = m.transformer(x, attn_mask=m.attn_mask)
+            x = m.ln_final(x)
+            x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+            if m.text_projection is not None:
+                x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+            return x
+        text = m.text
+        mask = (tokens != text.config.pad_token_id).long()
+        out = text.transformer(inputs_embeds=embeddings, attention_mask=mask)
+        return text.proj(text.pooler(out, mask))
+
+
+class PromptLearner(nn.Module):
+    """Context vectors + the frozen token embeddings of SOS, class names and the rest."""
+
+    def __init__(self, tower: TextTower, tokenizer, class_names, n_ctx: int, ctx_init: str, csc: bool,
+                 position: str, init_std: float, generator: torch.Generator):
+        super().__init__()
+        if position not in ("end", "middle", "front"):
+            raise ConfigError(f"class_token_position must be 'end', 'middle' or 'front', got {position!r}.")
+        device = tower.embedding.weight.device
+        if ctx_init:
+            init_tokens = tokenizer([ctx_init.strip()]).to(device)
+            n_ctx = self._content_length(init_tokens[0], tower)
+            with torch.no_grad():
+                ctx = tower.embed(init_tokens)[0, 1:1 + n_ctx].float()
+            if csc:
+                ctx = ctx[None].repeat(len(class_names), 1, 1)
+            prefix_text = ctx_init.strip()
+        else:
+            width = tower.embedding.weight.shape[1]
+            shape = (len(class_names), n_ctx, width) if csc else (n_ctx, width)
+            ctx = torch.empty(shape).normal_(0.0, init_std, generator=generator).to(device)
+            prefix_text = " ".join(["X"] * n_ctx)
+        self.ctx = nn.Parameter(ctx)
+        self.n_ctx, self.csc, self.position = n_ctx, csc, position
+        prompts = [f"{prefix_text} {name}." for name in class_names]
+        tokens = tokenizer(prompts).to(device)
+        with torch.no_grad():
+            emb = tower.embed(tokens).float()
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", emb[:, :1], persistent=False)            # SOS / CLS
+        self.register_buffer("suffix", emb[:, 1 + n_ctx:], persistent=False)    # CLASS, '.', EOS, padding
+        # class-name token counts (for middle/front): content length minus the context and the '.'
+        self.name_lens = [self._content_length(t, tower) - n_ctx - 1 for t in tokens]
+
+    @staticmethod
+    def _content_length(tokens: torch.Tensor, tower: TextTower) -> int:
+        """Tokens between the start token and the end token."""
+        if tower.kind == "clip":
+            return int(tokens.argmax()) - 1  # EOT has the largest id in CLIP's BPE vocabulary
+        pad = tower.model.text.config.pad_token_id
+        return int((tokens != pad).sum()) - 2  # [CLS] ... [SEP]
+
+    def forward(self) -> torch.Tensor:
+        c = self.prefix.shape[0]
+        ctx = self.ctx if self.csc else self.ctx[None].expand(c, -1, -1)
+        ctx = ctx.to(self.prefix.dtype)
+        if self.position == "end":
+            return torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        rows = []
+        half = self.n_ctx // 2
+        for i in range(c):
+            n = self.name_lens[i]
+            name, rest = self.suffix[i:i + 1, :n], self.suffix[i:i + 1, n:]
+            if self.position == "middle":
+                rows.append(torch.cat([self.prefix[i:i + 1], ctx[i:i + 1, :half], name, ctx[i:i + 1, half:], rest], 1))
+            else:
+                rows.append(torch.cat([self.prefix[i:i + 1], name, ctx[i:i + 1], rest], 1))
+        return torch.cat(rows, 0)
+
+
+@dataclass
+class CoOpConfig:
+    #: number of learnable context vectors (ignored when ctx_init is given)
+    n_ctx: int = 16
+    #: initialise the context from these words, e.g. "a photo of a" (then n_ctx = their token count)
+    ctx_init: str = ""
+    #: class-specific contexts (one set per class) instead of one shared set
+    csc: bool = False
+    #: where the class name goes: "end", "middle" or "front"
+    class_token_position: str = "end"
+    init_std: float = 0.02
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    #: None = the reference schedule by K (50/100/100/200/200)
+    epochs: int | None = None
+    batch_size: int = 32
+    #: distinct augmented views of the support set (one per epoch by default; fewer = reused in turn)
+    augment_views: int | None = None
+    aug_scale: tuple = (0.08, 1.0)
+    grad_clip: float | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 10
+
+
+@register("coop")
+class CoOp(Method):
+    Config = CoOpConfig
+
+    def fit(self, task) -> "CoOp":
+        cfg = self.config
+        backbone = task.backbone
+        model = backbone.model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        tower = TextTower(model)
+        gen = torch.Generator().manual_seed(task.seed)
+        learner = PromptLearner(tower, backbone.tokenizer, task.class_names, cfg.n_ctx, cfg.ctx_init, cfg.csc,
+                                cfg.class_token_position, cfg.init_std, gen)
+        epochs = cfg.epochs if cfg.epochs is not None else default_epochs(task.shots)
+        n_views = min(cfg.augment_views or epochs, epochs)
+        views = task.support(views=n_views, aug_scale=tuple(cfg.aug_scale), stream="coop")
+        feats, labels = views.views.to(backbone.device), views.labels.to(backbone.device)
+        n = feats.shape[1]
+        scale, bias = backbone.logit_scale, backbone.logit_bias or 0.0
+
+        def batches(epoch, gen):
+            order = torch.randperm(n, generator=gen).to(backbone.device)
+            for i in range(0, n, cfg.batch_size):
+                idx = order[i:i + cfg.batch_size]
+                yield feats[epoch % n_views][idx], labels[idx]
+
+        def loss_fn(batch):
+            x, y = batch
+            txt = F.normalize(tower.encode(learner(), learner.tokens).float(), dim=-1)
+            return F.cross_entropy(scale * x @ txt.T + bias, y)
+
+        tcfg = TrainConfig(epochs=epochs, optimizer="sgd", lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay, schedule="cosine_epoch", warmup_epochs=cfg.warmup_epochs,
+                           warmup_lr=cfg.warmup_lr, grad_clip=cfg.grad_clip, seed=task.seed,
+                           checkpoint_every=cfg.checkpoint_every if cfg.checkpoint_dir else None)
+        model.eval()
+        history = train(learner, loss_fn, batches, tcfg, device=backbone.device, precision=backbone.precision,
+                        checkpoint_dir=cfg.checkpoint_dir, steps_per_epoch=-(-n // cfg.batch_size), desc="CoOp")
+        with torch.no_grad(), backbone.autocast():
+            self.text_weights = F.normalize(tower.encode(learner(), learner.tokens).float(), dim=-1).cpu()
+        self.ctx = learner.ctx.detach().cpu().float()
+        self.scale, self.bias = torch.tensor(scale), torch.tensor(bias)
+        self.class_names = task.class_names
+        self.fit_info = {"n_ctx": learner.n_ctx, "ctx_init": cfg.ctx_init, "csc": cfg.csc, "epochs": epochs,
+                         "augment_views": n_views, "steps": history["steps"], "final_loss": history["epoch_loss"][-1],
+                         "first_epoch_loss": history["epoch_loss"][0], "text_tower": tower.kind,
+                         "resumed_from_epoch": history["resumed_from_epoch"]}
+        return self
+
+    def predict_logits(self, features: torch.Tensor) -> torch.Tensor:
+        self._check_fitted()
+        return self.scale * features.float() @ self.text_weights.T + self.bias
+
+    def state(self):
+        return {"ctx": self.ctx, "text_weights": self.text_weights, "scale": self.scale, "bias": self.bias}
+
+    def load_state(self, state):
+        for key, value in state.items():
+            setattr(self, key, value)
