@@ -34,6 +34,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/training_free.py
+	$(BIN)/python bench/fine_tuning.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -33,7 +33,8 @@ def test_notebook_is_stripped_thin_and_parameterised(path):
         tree = ast.parse(src)
         assert not any(isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.For, ast.While)) for n in ast.walk(tree)), \
             "notebook cells only call workbench: move loops/functions into the package"
-        assert len(src.splitlines()) <= 12
+        if cell is not tagged[0]:  # the parameters cell is declarations only; other cells stay short
+            assert len(src.splitlines()) <= 12
 
 
 def test_check_parameters_rejects_unknown_names_types_and_values():

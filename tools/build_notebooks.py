@@ -101,7 +101,116 @@ results = wb.compare(data, model, methods, shots, seeds, cache=cache, method_par
     ("code", """wb.report.fit_choices(out, methods=["tip_adapter", "tip_adapter_f", "gda"]).head(10)""", []),
 ]
 
-NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "02_training_free.ipynb": TRAINING_FREE}
+PROMPT_TUNING = [
+    ("md", """# 03 · Prompt tuning with CoOp
+
+CoOp learns the words of the prompt: `n_ctx` context vectors in the text encoder's embedding
+space replace "a photo of a", and only they are trained (SGD, lr 0.002, cosine after one warm-up
+epoch, 50/100/100/200/200 epochs for K = 1/2/4/8/16, as the reference). The image encoder stays
+frozen, so every epoch's fresh augmentation is encoded once into the feature cache and each step
+only runs the text encoder, over all class prompts.
+
+Initialised from `ctx_init="a photo of a"`, CoOp starts exactly at zero-shot CLIP with that
+template; with `ctx_init=""` it starts from random vectors.
+
+""" + OFFLINE_NOTE, []),
+    ("code", """backbone: str = "workbench-tiny"  # open_clip architecture, 'hf-hub:ORG/REPO' or 'local-dir:PATH', e.g. "ViT-B-16-quickgelu"
+pretrained: str = ""  # pretrained tag or checkpoint path, e.g. "openai"; "" = the offline default's seeded random weights
+dataset: str = "pneumoniamnist_mini"  # a dataset name from domains/ (see wb.list_datasets()) or a YAML path
+shots: int = 16  # K, support images per class
+seed: int = 1  # few-shot sampling and training seed
+n_ctx: int = 16  # number of learnable context vectors (ignored when ctx_init is set)
+ctx_init: str = ""  # initialise the context from these words, e.g. "a photo of a"; "" = random N(0, 0.02)
+csc: bool = False  # class-specific contexts instead of one shared set
+class_token_position: str = "end"  # where the class name goes: end, middle or front
+epochs: int = 0  # training epochs; 0 = the reference schedule by K (50/100/100/200/200)
+device: str = "auto"  # auto, cpu, cuda, mps
+output_dir: str = "outputs/prompt_tuning"  # results, splits, cache and the saved model; relative to the repository root""",
+     ["parameters"]),
+    ("code", """import workbench as wb
+
+params = wb.notebook.check_parameters(globals(), "03_prompt_tuning.ipynb")  # unknown name or bad value -> clear error
+out = wb.resolve(output_dir)
+coop_params = dict(n_ctx=n_ctx, ctx_init=ctx_init, csc=csc, class_token_position=class_token_position,
+                   epochs=epochs or None)""", []),
+    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
+data = wb.load_dataset(dataset)
+cache = wb.FeatureCache(model, out / "features")
+print(model)
+print(data.describe())""", []),
+    ("md", "## Train CoOp and compare it with zero-shot on the same split", []),
+    ("code", """zero_shot = wb.run_experiment(data, model, "zero_shot", shots, seed, cache=cache, split_dir=out / "splits", out_dir=out)
+coop = wb.run_experiment(data, model, "coop", shots, seed, cache=cache, method_params=coop_params,
+                         split_dir=out / "splits", out_dir=out, save_model=True)
+wb.report.rows(zero_shot, coop)""", []),
+    ("code", """wb.report.plot_loss(coop);""", []),
+    ("md", """## Reload the saved model and predict on new images
+
+`save_model=True` wrote one folder with the learned context vectors, class names, templates,
+backbone recipe and weights hash. `wb.load(folder)` needs no dataset and no training code.""", []),
+    ("code", """predictor = wb.load(coop.model_dir)
+examples = wb.report.sample_images(data, "test", n=6, seed=0)
+predictions = predictor.predict([image for image, _ in examples])
+predictions[["label", "confidence"]]""", []),
+    ("code", """wb.report.show_predictions(examples, predictions);""", []),
+]
+
+LORA = [
+    ("md", """# 04 · CLIP-LoRA
+
+Low-rank adapters on the query, key and value projections of every attention block of both
+encoders (r = 2, α = 1, scaled by α/√r, dropout 0.25), trained with AdamW (lr 2e-4, weight decay
+0.01) on a cosine schedule, as in the CLIP-LoRA reference. open_clip's fused attention is split
+into separate q/k/v layers first (same outputs), then peft adds the adapters.
+
+The reference trains for 500 × K iterations; `iterations` below overrides that so the offline
+default finishes quickly on a CPU. After training, `merge()` folds the adapters into the
+weights: same predictions, no adapter overhead.
+
+""" + OFFLINE_NOTE, []),
+    ("code", """backbone: str = "workbench-tiny"  # open_clip architecture, 'hf-hub:ORG/REPO' or 'local-dir:PATH', e.g. "ViT-B-16-quickgelu"
+pretrained: str = ""  # pretrained tag or checkpoint path, e.g. "openai"; "" = the offline default's seeded random weights
+dataset: str = "pneumoniamnist_mini"  # a dataset name from domains/ (see wb.list_datasets()) or a YAML path
+shots: int = 16  # K, support images per class
+seed: int = 1  # few-shot sampling and training seed
+r: int = 2  # LoRA rank
+alpha: float = 1.0  # LoRA alpha (the update is scaled by alpha / sqrt(r))
+dropout: float = 0.25  # dropout on the LoRA input
+encoder: str = "both"  # which towers get adapters: vision, text or both
+lora_params: list[str] = ["q", "k", "v"]  # which projections get adapters: any of q, k, v, o
+lr: float = 2e-4  # AdamW learning rate
+iterations: int = 120  # training iterations; 0 = the reference's 500 x K
+device: str = "auto"  # auto, cpu, cuda, mps
+output_dir: str = "outputs/lora"  # results, splits, cache and the saved model; relative to the repository root""",
+     ["parameters"]),
+    ("code", """import workbench as wb
+
+params = wb.notebook.check_parameters(globals(), "04_lora.ipynb")  # unknown name or bad value -> clear error
+out = wb.resolve(output_dir)
+lora = dict(r=r, alpha=alpha, dropout=dropout, encoder=encoder, params=lora_params, lr=lr, iterations=iterations or None)""", []),
+    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
+data = wb.load_dataset(dataset)
+cache = wb.FeatureCache(model, out / "features")
+print(model)
+print(data.describe())""", []),
+    ("md", "## Train and compare with zero-shot", []),
+    ("code", """zero_shot = wb.run_experiment(data, model, "zero_shot", shots, seed, cache=cache, split_dir=out / "splits", out_dir=out)
+run = wb.run_experiment(data, model, "clip_lora", shots, seed, cache=cache, method_params=lora,
+                        split_dir=out / "splits", out_dir=out, save_model=True)
+wb.report.rows(zero_shot, run)""", []),
+    ("code", """wb.report.plot_loss(run);""", []),
+    ("md", "## Reload the saved adapters (peft format) and predict; then merge", []),
+    ("code", """predictor = wb.load(run.model_dir)
+examples = wb.report.sample_images(data, "test", n=6, seed=0)
+predictions = predictor.predict([image for image, _ in examples])
+wb.report.show_predictions(examples, predictions);""", []),
+    ("code", """predictor.method.merge()
+merged = predictor.predict([image for image, _ in examples])
+print("largest probability change after merging:", float((merged[data.class_names] - predictions[data.class_names]).abs().max().max()))""", []),
+]
+
+NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "02_training_free.ipynb": TRAINING_FREE,
+             "03_prompt_tuning.ipynb": PROMPT_TUNING, "04_lora.ipynb": LORA}
 
 if __name__ == "__main__":
     folder = Path(__file__).resolve().parents[1] / "notebooks"

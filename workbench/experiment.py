@@ -76,6 +76,7 @@ class RunResult:
     method: Method
     logits: torch.Tensor
     labels: torch.Tensor
+    model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
 
     def __repr__(self) -> str:
         return f"RunResult({self.row['method']}, K={self.row['shots']}, seed={self.row['seed']}, acc={self.row['accuracy']:.4f})"
@@ -136,6 +137,9 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         "templates": templates, "backbone": backbone.provenance(), "method": method.describe(),
         "metrics": metrics, "skipped": skipped, "environment": environment_info(backbone.device),
     }
+    model_dir = None
+    if save_model and out_dir is None:
+        raise ConfigError("save_model=True needs an out_dir to save the model in.")
     if out_dir is not None:
         run_dir = Path(out_dir) / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +147,9 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         if save_model:
             from .predictor import Predictor
 
-            Predictor(backbone, method, templates=templates).save(run_dir / "model")
-    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels)
+            model_dir = Predictor(backbone, method, templates=templates,
+                                  metrics={k: metrics[k] for k in SCALAR_METRICS}).save(run_dir / "model")
+    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir)
 
 
 def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int], *,

@@ -82,14 +82,19 @@ def _check_values(values: dict) -> None:
             if m not in available_methods():
                 raise ConfigError(f"parameter 'methods': unknown method {m!r}; available: {available_methods()}."
                                   + did_you_mean(m, available_methods()))
-    for key in ("shots", "seeds"):
+    for key in ("shots", "seeds", "seed"):
         if key in values:
-            vals = values[key]
+            vals = values[key] if isinstance(values[key], (list, tuple)) else [values[key]]
             if not vals or any(v < (1 if key == "shots" else 0) for v in vals):
-                raise ConfigError(f"parameter {key!r}: expected a non-empty list of "
-                                  f"{'positive' if key == 'shots' else 'non-negative'} integers, got {vals!r}.")
+                raise ConfigError(f"parameter {key!r}: expected {'positive' if key == 'shots' else 'non-negative'} "
+                                  f"integer(s), got {values[key]!r}.")
     if "device" in values:
         resolve_device(values["device"])
+    for key, allowed in (("encoder", ("vision", "text", "both")), ("class_token_position", ("end", "middle", "front"))):
+        if key in values and values[key] not in allowed:
+            raise ConfigError(f"parameter {key!r}: expected one of {allowed}, got {values[key]!r}.")
+    if "lora_params" in values and not set(values["lora_params"]) <= {"q", "k", "v", "o"}:
+        raise ConfigError(f"parameter 'lora_params': expected a list of q, k, v, o, got {values['lora_params']!r}.")
     if "selection" in values and values["selection"] not in ("kshot_val", "full_val"):
         raise ConfigError(f"parameter 'selection': expected 'kshot_val' or 'full_val', got {values['selection']!r}.")
     if "dataset" in values and values["dataset"]:

@@ -63,3 +63,65 @@ def fit_choices(out_dir, methods=None) -> pd.DataFrame:
                      "accuracy": row["accuracy"], **info})
     table = pd.DataFrame(rows)
     return table.sort_values(["method", "shots", "seed"]).reset_index(drop=True) if not table.empty else table
+
+
+def sample_images(dataset, split: str = "test", n: int = 6, seed: int = 0):
+    """``n`` (image, readable true label) pairs from a split, drawn with a fixed seed."""
+    import random
+
+    samples = sorted(dataset.split(split), key=lambda s: s.id)
+    chosen = random.Random(f"show/{seed}").sample(samples, min(n, len(samples)))
+    return [(dataset.load_image(s), dataset.class_names[s.label]) for s in chosen]
+
+
+def show_predictions(images, predictions: pd.DataFrame, columns: int = 6):
+    """A grid of images titled with predicted label, confidence and (if known) the true label."""
+    import matplotlib
+
+    if not matplotlib.get_backend().lower().startswith(("module://", "inline", "nbagg", "widget", "ipympl")):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    cols = min(columns, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, item, (_, row) in zip(axes.flat, images, predictions.iterrows()):
+        image, truth = item if isinstance(item, tuple) else (item, None)
+        ax.imshow(image)
+        ok = truth is None or truth == row["label"]
+        title = f"{row['label']} ({row['confidence']:.0%})" + ("" if truth is None else f"\ntrue: {truth}")
+        ax.set_title(title, fontsize=8, color="black" if ok else "firebrick")
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss(run, ax=None):
+    """Training loss per epoch of a trained method's run (``fit_info['epoch_loss']``)."""
+    import matplotlib
+
+    if not matplotlib.get_backend().lower().startswith(("module://", "inline", "nbagg", "widget", "ipympl")):
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = run.method.fit_info.get("epoch_loss")
+    if not losses:
+        raise ConfigError(f"method {run.method.name!r} records no training loss.")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{run.method.name}, K={run.row['shots']}, seed {run.row['seed']}")
+    ax.grid(alpha=0.3)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def rows(*runs) -> pd.DataFrame:
+    """The result rows of several runs as one table."""
+    from .experiment import RESULT_COLUMNS
+
+    return pd.DataFrame([r.row for r in runs], columns=RESULT_COLUMNS)

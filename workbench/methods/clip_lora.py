@@ -155,7 +155,7 @@ class CLIPLoRA(Method):
         self._finish(model, backbone, tokens, len(templates), task.class_names)
         self.templates_used = templates
         self.fit_info = {"templates": templates, "iterations": history["steps"], "epochs": history["epochs_done"],
-                         "final_loss": history["epoch_loss"][-1], "target_modules": len(names),
+                         "final_loss": history["epoch_loss"][-1], "epoch_loss": history["epoch_loss"], "target_modules": len(names),
                          "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                          "checkpoint_selection": cfg.checkpoint_selection, "chosen_epoch": best["epoch"],
                          "resumed_from_epoch": history["resumed_from_epoch"]}

@@ -214,7 +214,7 @@ class CoOp(Method):
         self.class_names = task.class_names
         self.fit_info = {"n_ctx": learner.n_ctx, "ctx_init": cfg.ctx_init, "csc": cfg.csc, "epochs": epochs,
                          "augment_views": n_views, "steps": history["steps"], "final_loss": history["epoch_loss"][-1],
-                         "first_epoch_loss": history["epoch_loss"][0], "text_tower": tower.kind,
+                         "first_epoch_loss": history["epoch_loss"][0], "epoch_loss": history["epoch_loss"], "text_tower": tower.kind,
                          "resumed_from_epoch": history["resumed_from_epoch"]}
         return self
 

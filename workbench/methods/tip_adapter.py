@@ -274,6 +274,6 @@ class TipAdapterF(TipAdapter):
         self.beta, self.alpha = torch.tensor(beta), torch.tensor(alpha)
         self.fit_info = {"beta": beta, "alpha": alpha, "init_alpha": alpha0, "search_scale": scale, "epochs": epochs,
                          "chosen_epoch": chosen_epoch, "epoch_selection": cfg.epoch_selection,
-                         "final_loss": history["epoch_loss"][-1], "cache_size": int(self.keys.shape[0]),
+                         "final_loss": history["epoch_loss"][-1], "epoch_loss": history["epoch_loss"], "cache_size": int(self.keys.shape[0]),
                          "templates": list(task.templates), **info}
         return self

@@ -1,0 +1,250 @@
+"""CLIP-LoRA and CoOp: attention splitting, LoRA algebra, CoOp initialisation, the training loop, saved models."""
+import copy
+import functools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import workbench as wb
+from workbench import training
+from workbench.data import sample_few_shot, synthetic_shapes
+from workbench.errors import ConfigError
+from workbench.lora import SplitAttention, SplitQKV, lora_target_names, split_attention
+from workbench.methods.coop import PromptLearner, TextTower, default_epochs
+from workbench.task import FewShotTask
+
+
+@pytest.fixture(scope="module")
+def shapes16():
+    return synthetic_shapes(4, train_per_class=20, val_per_class=4, test_per_class=15)
+
+
+def _task(ds, backbone, shots=4, seed=1):
+    return FewShotTask(ds, sample_few_shot(ds, shots, seed), backbone, wb.FeatureCache(backbone, None,
+                                                                                        show_progress=False),
+                       templates=["a photo of a {}."])
+
+
+# -- attention splitting and LoRA algebra -----------------------------------------------------
+
+def test_split_attention_changes_no_output(backbone):
+    model = copy.deepcopy(backbone.model)
+    x = torch.randn(3, 3, 64, 64)
+    tokens = backbone.tokenize(["a photo of a cat.", "aerial imagery of a river."])
+    with torch.no_grad():
+        img0, txt0 = model.encode_image(x), model.encode_text(tokens)
+        assert split_attention(model) == 6  # 3 vision + 3 text blocks
+        img1, txt1 = model.encode_image(x), model.encode_text(tokens)
+    assert (img0 - img1).abs().max() < 1e-6 and (txt0 - txt1).abs().max() < 1e-6
+    assert not any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
+def test_split_attention_module_with_masks_and_seq_first():
+    mha = nn.MultiheadAttention(16, 4, batch_first=False)
+    split = SplitAttention(mha)
+    q = torch.randn(5, 2, 16)  # (L, N, E)
+    causal = torch.full((5, 5), float("-inf")).triu(1)
+    pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+    ref = mha(q, q, q, need_weights=False, attn_mask=causal, key_padding_mask=pad)[0]
+    out = split(q, q, q, need_weights=False, attn_mask=causal, key_padding_mask=pad)[0]
+    assert torch.allclose(ref, out, atol=1e-6)
+
+
+def test_split_qkv_for_timm_attention():
+    from timm.models.vision_transformer import Attention
+
+    attn = Attention(32, num_heads=4, qkv_bias=True).eval()
+    x = torch.randn(2, 7, 32)
+    ref = attn(x)
+    assert split_attention(attn) == 1 and isinstance(attn.qkv, SplitQKV)
+    assert torch.allclose(attn(x), ref, atol=1e-6)
+
+
+def test_lora_targets_follow_encoder_matrices_and_blocks(backbone):
+    model = copy.deepcopy(backbone.model)
+    split_attention(model)
+    assert len(lora_target_names(model)) == 18
+    vis = lora_target_names(model, encoder="vision", matrices=["q", "v"], blocks=[0, 2])
+    assert vis == ["visual.transformer.resblocks.0.attn.q_proj", "visual.transformer.resblocks.0.attn.v_proj",
+                   "visual.transformer.resblocks.2.attn.q_proj", "visual.transformer.resblocks.2.attn.v_proj"]
+    assert all(n.endswith("out_proj") for n in lora_target_names(model, encoder="text", matrices=["o"]))
+    with pytest.raises(ConfigError, match="unknown LoRA matrix 'x'"):
+        lora_target_names(model, matrices=["x"])
+
+
+def test_lora_init_equals_base_and_uses_rslora_scaling(backbone):
+    m = wb.get_method("clip_lora")
+    peft_model, names = m._build(backbone)
+    layer = dict(peft_model.named_modules())["base_model.model." + names[0]]
+    assert layer.scaling["default"] == pytest.approx(1.0 / 2 ** 0.5)         # alpha / sqrt(r)
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0           # B = 0
+    assert layer.lora_A["default"].weight.abs().sum() > 0                     # A kaiming-uniform
+    assert layer.lora_dropout["default"].p == 0.25
+    peft_model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(peft_model.encode_image(x), backbone.model.encode_image(x), atol=1e-5)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    assert trainable == 6 * 3 * 2 * 2 * 128  # blocks x (q,k,v) x 2·r·d, as the reference's count
+
+
+# -- CLIP-LoRA training, merge, save/load -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_run(backbone, shapes16):
+    return wb.run_experiment(shapes16, backbone, "clip_lora", 16, 1,
+                             method_params={"iterations": 60, "lr": 5e-3})
+
+
+def test_clip_lora_learns_and_beats_zero_shot(backbone, shapes16, lora_run):
+    zs = wb.run_experiment(shapes16, backbone, "zero_shot", 16, 1)
+    info = lora_run.method.fit_info
+    assert info["iterations"] == 60 and info["trainable_parameters"] == 9216
+    assert lora_run.row["accuracy"] > zs.row["accuracy"] + 0.2
+    assert info["final_loss"] < 1.0  # from log(4) = 1.39 at the start
+
+
+def test_clip_lora_merge_gives_the_same_logits(backbone, shapes16, lora_run):
+    method = copy.deepcopy(lora_run.method)
+    pixels = torch.stack([backbone.preprocess(shapes16.load_image(s)) for s in shapes16.split("test")[:6]])
+    before = method.predict_logits(method.image_backbone(backbone).encode_images(pixels))
+    method.merge()
+    after = method.predict_logits(method.image_backbone(backbone).encode_images(pixels))
+    assert torch.allclose(before, after, atol=1e-5)
+    assert not any("lora_" in n for n, _ in method.model.named_parameters())
+
+
+def test_clip_lora_save_load_predict_equals_in_memory(backbone, shapes16, lora_run, tmp_path):
+    from workbench.predictor import Predictor
+
+    Predictor(backbone, lora_run.method, templates=["a photo of a {}."]).save(tmp_path / "model")
+    assert (tmp_path / "model" / "method" / "adapter" / "adapter_config.json").is_file()  # peft format
+    loaded = wb.load(tmp_path / "model")
+    images = [shapes16.load_image(s) for s in shapes16.split("test")[:5]]
+    expected = torch.softmax(Predictor(backbone, lora_run.method).predict_logits(images), -1).numpy()
+    table = loaded.predict(images)
+    assert abs(table[shapes16.class_names].to_numpy() - expected).max() < 1e-5
+
+
+# -- CoOp -------------------------------------------------------------------------------------
+
+def test_coop_from_a_photo_of_a_equals_zero_shot_before_training(backbone, shapes16):
+    task = _task(shapes16, backbone)
+    tower = TextTower(backbone.model)
+    learner = PromptLearner(tower, backbone.tokenizer, task.class_names, 16, "a photo of a", False, "end", 0.02,
+                            torch.Generator())
+    assert learner.n_ctx == 4
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(tower.encode(learner(), learner.tokens), dim=-1)
+    feats = task.cache.get(shapes16, shapes16.split("test")).x
+    zero_shot = wb.get_method("zero_shot", templates=["a photo of a {}."]).fit(task).predict_logits(feats)
+    assert torch.allclose(backbone.logit_scale * feats @ txt.T, zero_shot, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["middle", "front"])
+def test_coop_class_token_positions_keep_every_token(backbone, position):
+    tower = TextTower(backbone.model)
+    end = PromptLearner(tower, backbone.tokenizer, ["sea or lake", "river"], 4, "", False, "end", 0.02,
+                        torch.Generator().manual_seed(0))
+    other = PromptLearner(tower, backbone.tokenizer, ["sea or lake", "river"], 4, "", False, position, 0.02,
+                          torch.Generator().manual_seed(0))
+    assert end.name_lens == [3, 1]
+    a, b = end(), other()
+    assert a.shape == b.shape
+    # same multiset of rows per prompt: only the order of context and class tokens differs
+    assert torch.allclose(a.sum(1), b.sum(1), atol=1e-5)
+    assert not torch.allclose(a, b)
+
+
+def test_coop_defaults_follow_the_reference():
+    cfg = wb.get_method("coop").config
+    assert (cfg.n_ctx, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (16, 0.002, 0.9, 5e-4, 32)
+    assert (cfg.warmup_epochs, cfg.warmup_lr, cfg.csc, cfg.class_token_position) == (1, 1e-5, False, "end")
+    assert [default_epochs(k) for k in (1, 2, 4, 8, 16, 3, 32)] == [50, 100, 100, 200, 200, 100, 200]
+    tc = training.TrainConfig(epochs=10, lr=0.002, schedule="cosine_epoch", warmup_epochs=1, warmup_lr=1e-5)
+    assert training.learning_rate(tc, 0, 0, 100) == 1e-5                     # constant warm-up epoch
+    assert training.learning_rate(tc, 10, 1, 100) == pytest.approx(0.002)     # cosine starts after it
+    assert training.learning_rate(tc, 99, 9, 100) == pytest.approx(0.001 * (1 + torch.cos(torch.tensor(0.8 * torch.pi))).item())
+
+
+def test_coop_learns_and_beats_zero_shot(backbone, shapes16):
+    cache = wb.FeatureCache(backbone, None, show_progress=False)
+    zs = wb.run_experiment(shapes16, backbone, "zero_shot", 16, 1, cache=cache)
+    run = wb.run_experiment(shapes16, backbone, "coop", 16, 1, cache=cache, method_params={"epochs": 20, "lr": 0.02})
+    info = run.method.fit_info
+    assert info["final_loss"] < info["first_epoch_loss"]
+    assert run.row["accuracy"] > zs.row["accuracy"] + 0.2
+
+
+def test_unsupported_text_tower_is_a_clear_error():
+    class Fake(nn.Module):
+        pass
+
+    with pytest.raises(ConfigError, match="CoOp supports"):
+        TextTower(Fake())
+
+
+# -- the training loop: resume, NaN guard ----------------------------------------------------
+
+def test_interrupted_coop_run_resumes_to_the_same_weights(backbone, shapes16, tmp_path, monkeypatch):
+    params = {"epochs": 6, "lr": 0.02, "checkpoint_every": 1}
+    task = _task(shapes16, backbone)
+    full = wb.get_method("coop", checkpoint_dir=str(tmp_path / "a"), **params).fit(task)
+    real_train = training.train
+    import workbench.methods.coop as coop_module
+
+    monkeypatch.setattr(coop_module, "train", functools.partial(real_train, stop_after_epoch=3))
+    wb.get_method("coop", checkpoint_dir=str(tmp_path / "b"), **params).fit(task)  # killed after epoch 3
+    monkeypatch.setattr(coop_module, "train", real_train)
+    resumed = wb.get_method("coop", checkpoint_dir=str(tmp_path / "b"), **params).fit(task)
+    assert resumed.fit_info["resumed_from_epoch"] == 3
+    assert torch.equal(resumed.ctx, full.ctx)
+
+
+def test_interrupted_lora_run_with_dropout_resumes_to_the_same_weights(backbone, shapes16, tmp_path, monkeypatch):
+    import workbench.methods.clip_lora as lora_module
+
+    params = {"iterations": 8, "batch_size": 8, "checkpoint_every": 1}
+    task = _task(shapes16, backbone, shots=4)  # 16 images: 2 batches per epoch, 4 epochs
+    full = wb.get_method("clip_lora", checkpoint_dir=str(tmp_path / "a"), **params).fit(task)
+    real_train = training.train
+    monkeypatch.setattr(lora_module, "train", functools.partial(real_train, stop_after_epoch=2))
+    wb.get_method("clip_lora", checkpoint_dir=str(tmp_path / "b"), **params).fit(task)
+    monkeypatch.setattr(lora_module, "train", real_train)
+    resumed = wb.get_method("clip_lora", checkpoint_dir=str(tmp_path / "b"), **params).fit(task)
+    assert resumed.fit_info["resumed_from_epoch"] == 2
+    a = {k: v for k, v in full.model.state_dict().items() if "lora_" in k}
+    b = {k: v for k, v in resumed.model.state_dict().items() if "lora_" in k}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_with_step_and_hint():
+    module = nn.Linear(2, 1)
+    calls = {"n": 0}
+
+    def loss_fn(batch):
+        calls["n"] += 1
+        out = module(batch).sum()
+        return out * float("nan") if calls["n"] == 3 else out
+
+    def batches(epoch, gen):
+        yield torch.ones(1, 2)
+
+    with pytest.raises(training.TrainingDiverged, match=r"at step 2 \(epoch 2.*fp32"):
+        training.train(module, loss_fn, batches, training.TrainConfig(epochs=5), device=torch.device("cpu"),
+                       show_progress=False)
+
+
+def test_checkpoint_from_other_settings_is_refused(tmp_path):
+    module = nn.Linear(2, 1)
+
+    def batches(epoch, gen):
+        yield torch.ones(1, 2)
+
+    cfg = training.TrainConfig(epochs=2, checkpoint_every=1)
+    training.train(module, lambda b: module(b).sum(), batches, cfg, device=torch.device("cpu"),
+                   checkpoint_dir=tmp_path, show_progress=False)
+    with pytest.raises(wb.WorkbenchError, match="other training settings"):
+        training.train(module, lambda b: module(b).sum(), batches, training.TrainConfig(epochs=3, checkpoint_every=1),
+                       device=torch.device("cpu"), checkpoint_dir=tmp_path, show_progress=False)
