@@ -248,3 +248,41 @@ def test_checkpoint_from_other_settings_is_refused(tmp_path):
     with pytest.raises(wb.WorkbenchError, match="other training settings"):
         training.train(module, lambda b: module(b).sum(), batches, training.TrainConfig(epochs=3, checkpoint_every=1),
                        device=torch.device("cpu"), checkpoint_dir=tmp_path, show_progress=False)
+
+
+# -- BiomedCLIP-shaped towers: timm ViT (fused qkv) + Hugging Face BERT -----------------------
+
+def test_split_attention_and_lora_targets_on_timm_and_bert_towers(biomed_like):
+    model = copy.deepcopy(biomed_like.model)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = biomed_like.tokenize(["a photo of a circle.", "a chest showing pneumonia."])
+    with torch.no_grad():
+        img0, txt0 = model.encode_image(x), model.encode_text(tokens)
+        assert split_attention(model) == 12  # vit_tiny has 12 blocks; BERT needs no splitting
+        img1, txt1 = model.encode_image(x), model.encode_text(tokens)
+    assert (img0 - img1).abs().max() < 1e-5 and torch.equal(txt0, txt1)
+    vision = lora_target_names(model, encoder="vision")
+    text = lora_target_names(model, encoder="text")
+    assert len(vision) == 36 and vision[0].endswith("blocks.0.attn.qkv.q_proj")
+    assert len(text) == 6 and text[0].endswith("layer.0.attention.self.query")
+
+
+def test_coop_on_a_hugging_face_text_tower(biomed_like):
+    ds = synthetic_shapes(3, train_per_class=8, val_per_class=2, test_per_class=4, image_size=32)
+    task = _task(ds, biomed_like, shots=2)
+    tower = TextTower(biomed_like.model)
+    assert tower.kind == "hf"
+    learner = PromptLearner(tower, biomed_like.tokenizer, task.class_names, 16, "a photo of a", False, "end", 0.02,
+                            torch.Generator())
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(tower.encode(learner(), learner.tokens), dim=-1)
+    assert learner.n_ctx == 4
+    assert torch.allclose(txt, task.text_classifier(["a photo of a {}."]), atol=1e-5)
+    run = wb.get_method("coop", epochs=3, n_ctx=4).fit(task)
+    assert run.fit_info["text_tower"] == "hf" and run.fit_info["steps"] == 3
+
+
+def test_clip_lora_trains_on_timm_and_bert_towers(biomed_like):
+    ds = synthetic_shapes(3, train_per_class=8, val_per_class=2, test_per_class=4, image_size=32)
+    run = wb.run_experiment(ds, biomed_like, "clip_lora", 2, 1, method_params={"iterations": 2, "batch_size": 4})
+    assert run.method.fit_info["target_modules"] == 36 + 6 and run.method.fit_info["iterations"] == 2
