@@ -86,3 +86,17 @@ def test_training_free_notebook_records_the_selection_protocol(tmp_path):
     assert set(choices["method"]) == {"zero_shot", "gda", "tip_adapter"}
     assert set(choices.dropna(subset=["selection"])["selection"]) == {"full_val"}
     assert (choices[choices.method == "gda"]["selection_images"] == 40).all()  # the whole val split: 20 per class
+
+
+def test_domains_notebook_takes_a_dataset_yaml_with_f(tmp_path):
+    out = tmp_path / "out.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(wb.repo_root() / "notebooks" / "05_domains.ipynb"), str(out),
+           "--cwd", str(tmp_path), "-f", str(wb.repo_root() / "domains" / "agriculture" / "leaf_disease_synthetic.yaml"),
+           "-p", "output_dir", str(tmp_path / "results"), "-p", "shots", "[2]", "-p", "seeds", "[1]",
+           "-p", "methods", '["zero_shot", "gda"]']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "results" / "leaf_disease_synthetic" / "results.csv")
+    assert set(table["domain"]) == {"agriculture"} and set(table["method"]) == {"zero_shot", "gda"}
+    bad = subprocess.run(cmd + ["-p", "domian", "medical"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "unknown parameter 'domian'" in bad.stdout + bad.stderr

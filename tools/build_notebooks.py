@@ -209,8 +209,50 @@ merged = predictor.predict([image for image, _ in examples])
 print("largest probability change after merging:", float((merged[data.class_names] - predictions[data.class_names]).abs().max().max()))""", []),
 ]
 
+DOMAINS = [
+    ("md", """# 05 · Domain packs: medical, remote sensing, agriculture
+
+Every dataset is a YAML file in `domains/<domain>/` — source, class ids and readable names,
+the literature's prompt templates, the primary metric, licence, citation and recommended
+backbones — so picking a dataset needs no code. Backbone aliases (`biomedclip`,
+`remoteclip-vit-b-32`, …) with their exact loading recipes are in `domains/backbones.yaml`.
+
+Each domain has one dataset that needs no network (`offline: true`), which is the default here.
+With internet, run a real set by passing its YAML to papermill — its keys become this notebook's
+parameters: `papermill notebooks/05_domains.ipynb out.ipynb -f domains/remote_sensing/eurosat.yaml
+-p backbone remoteclip-vit-b-32`.
+
+""" + OFFLINE_NOTE, []),
+    ("code", """domain: str = "remote_sensing"  # remote_sensing, medical or agriculture
+name: str = ""  # a dataset of that domain (listed below); "" = the domain's offline dataset. Same key as in the YAMLs
+backbone: str = "workbench-tiny"  # a backbone alias (domains/backbones.yaml) or an open_clip name, e.g. "biomedclip"
+pretrained: str = ""  # pretrained tag or checkpoint path for an open_clip name; "" for aliases and the offline default
+shots: list[int] = [1, 2, 4]  # K, support images per class
+seeds: list[int] = [1, 2]  # few-shot sampling seeds
+methods: list[str] = ["zero_shot", "linear_probe", "tip_adapter", "gda"]  # methods to compare
+device: str = "auto"  # auto, cpu, cuda, mps
+output_dir: str = "outputs/domains"  # results, split files and feature cache; relative to the repository root""",
+     ["parameters"]),
+    ("code", """import workbench as wb
+
+params = wb.notebook.check_parameters(globals(), "05_domains.ipynb", allow_dataset_spec=True)
+data = wb.domains.dataset_from_parameters(globals())  # by name, or from the YAML keys given with papermill -f
+out = wb.resolve(output_dir) / data.name""", []),
+    ("md", "## What the domain pack offers", []),
+    ("code", """wb.domains.list(data.domain)""", []),
+    ("code", """wb.domains.backbones(data.domain)""", []),
+    ("code", """print(data.describe())
+print("templates:", data.templates, "| metric:", data.metric)""", []),
+    ("md", "## Compare methods on it", []),
+    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
+results = wb.compare(data, model, methods, shots, seeds, cache=wb.FeatureCache(model, out / "features"),
+                     split_dir=out / "splits", out_dir=out)
+wb.summarize(results, data.metric).pivot(index="method", columns="shots", values="mean")""", []),
+    ("code", """wb.report.plot_accuracy_vs_shots(results, data.metric);""", []),
+]
+
 NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "02_training_free.ipynb": TRAINING_FREE,
-             "03_prompt_tuning.ipynb": PROMPT_TUNING, "04_lora.ipynb": LORA}
+             "03_prompt_tuning.ipynb": PROMPT_TUNING, "04_lora.ipynb": LORA, "05_domains.ipynb": DOMAINS}
 
 if __name__ == "__main__":
     folder = Path(__file__).resolve().parents[1] / "notebooks"

@@ -19,7 +19,7 @@ from .features import FeatureCache
 from .methods import available_methods, get_method
 from .paths import repo_root, resolve
 from .predictor import Predictor, load
-from . import notebook, report  # noqa: E402  (wb.notebook.check_parameters, wb.report.plot_...)
+from . import domains, notebook, report  # noqa: E402  (wb.domains.list, wb.notebook.check_parameters, ...)
 
 __all__ = ["OFFLINE_DEFAULT", "Backbone", "load_backbone", "FewShotSplit", "sample_few_shot", "list_datasets",
            "load_dataset", "BackboneError", "ConfigError", "DataError", "WorkbenchError", "compare",

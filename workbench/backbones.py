@@ -292,13 +292,28 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
     kwargs: dict = {}
     checkpoint = None
 
+    if schema is None and name not in open_clip.list_models():
+        from .domains import resolve_backbone_alias  # an alias from domains/backbones.yaml
+
+        try:
+            recipe = resolve_backbone_alias(name)
+        except FileNotFoundError:
+            recipe = None
+        if recipe is not None:
+            if pretrained:
+                raise BackboneError(f"{name!r} is an alias that fixes its own weights; do not pass pretrained="
+                                    f"{pretrained!r} (use the open_clip name instead).")
+            name, pretrained = recipe
+            schema = name.split(":", 1)[0] if name.startswith(("hf-hub:", "local-dir:")) else None
+            source["alias"] = True
     if schema is None:
         if name not in open_clip.list_models():
             import difflib
 
             close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
             raise BackboneError(f"unknown architecture {name!r}." + (f" Close: {close}." if close else "")
-                                + " See open_clip.list_models(), or use 'hf-hub:ORG/REPO' / 'local-dir:PATH'.")
+                                + " See open_clip.list_models(), workbench.domains.backbones() for aliases, or use "
+                                "'hf-hub:ORG/REPO' / 'local-dir:PATH'.")
         if pretrained:
             checkpoint = _resolve_checkpoint(pretrained, cache_dir)
             if checkpoint is None:

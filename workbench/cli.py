@@ -13,8 +13,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="workbench", description="CLIP domain-adaptation workbench")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list the dataset YAMLs in domains/")
+    p = sub.add_parser("datasets", help="list the dataset YAMLs in domains/ (same as: domains list)")
     p.add_argument("--domain", default=None)
+
+    p = sub.add_parser("domains", help="the domain packs: list datasets, show one, list backbones")
+    dsub = p.add_subparsers(dest="action", required=True)
+    q = dsub.add_parser("list", help="datasets (optionally of one domain)")
+    q.add_argument("domain", nargs="?", default=None)
+    q = dsub.add_parser("show", help="one dataset's source, classes, templates, metric, licence, citation")
+    q.add_argument("name")
+    q = dsub.add_parser("backbones", help="backbone aliases and their loading recipes")
+    q.add_argument("domain", nargs="?", default=None)
 
     p = sub.add_parser("run", help="compare methods on one dataset across shots and seeds")
     p.add_argument("--dataset", required=True, help="dataset name from domains/ or a YAML path")
@@ -40,6 +49,13 @@ def main(argv=None) -> int:
     try:
         if args.command == "datasets":
             print(wb.list_datasets(args.domain).to_string(index=False))
+        elif args.command == "domains":
+            if args.action == "list":
+                print(wb.domains.list(args.domain).to_string(index=False))
+            elif args.action == "show":
+                print(wb.domains.show(args.name))
+            else:
+                print(wb.domains.backbones(args.domain).to_string(index=False))
         elif args.command == "run":
             out = wb.resolve(args.out)
             backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)

@@ -101,18 +101,34 @@ def _check_values(values: dict) -> None:
         from .domains import spec_path
 
         spec_path(values["dataset"])
+    if "domain" in values:
+        from .domains import list_datasets
+
+        list_datasets(values["domain"])  # unknown domain -> clear error
+    if values.get("backbone"):
+        _check_backbone(values["backbone"])
 
 
-def check_parameters(namespace: dict, notebook: str) -> dict:
-    """Validate the notebook's parameters (see module docstring); returns them as a dict."""
+def check_parameters(namespace: dict, notebook: str, allow_dataset_spec: bool = False) -> dict:
+    """Validate the notebook's parameters (see module docstring); returns them as a dict.
+
+    ``allow_dataset_spec``: the notebook accepts a dataset YAML's keys too
+    (``papermill … -f domains/<domain>/<set>.yaml``); they are validated when the dataset is built.
+    """
     declared = declared_parameters(notebook)
     present = {k: v for k, v in namespace.items()
                if not k.startswith("_") and k not in _IGNORED_GLOBALS and not isinstance(v, types.ModuleType)
                and not callable(v)}
-    unknown = sorted(set(present) - set(declared))
+    allowed = set(declared)
+    if allow_dataset_spec:
+        from .domains import TOP_KEYS
+
+        allowed |= set(TOP_KEYS)
+    unknown = sorted(set(present) - allowed)
     if unknown:
         raise ConfigError(f"{notebook}: unknown parameter {unknown[0]!r}; this notebook's parameters are "
-                          f"{sorted(declared)}." + did_you_mean(unknown[0], declared))
+                          f"{sorted(declared)}" + (" (and the keys of a dataset YAML)" if allow_dataset_spec else "")
+                          + "." + did_you_mean(unknown[0], allowed))
     values = {k: namespace.get(k, d["default"]) for k, d in declared.items()}
     for k, d in declared.items():
         if isinstance(values[k], str) and not _type_ok(values[k], d["annotation"]):
@@ -144,3 +160,17 @@ def selection_params(methods, selection: str) -> dict:
         if "selection" in fields:
             out[m] = {"selection": selection}
     return out
+
+
+def _check_backbone(name: str) -> None:
+    import open_clip
+
+    from .backbones import register_model_configs
+    from .domains import backbone_recipes
+
+    register_model_configs()
+    if name.startswith(("hf-hub:", "local-dir:")) or name in open_clip.list_models() or name in backbone_recipes():
+        return
+    choices = list(backbone_recipes()) + open_clip.list_models()
+    raise ConfigError(f"parameter 'backbone': {name!r} is neither an open_clip architecture, a backbone alias "
+                      "(workbench.domains.backbones()) nor an 'hf-hub:'/'local-dir:' id." + did_you_mean(name, choices))

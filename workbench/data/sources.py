@@ -248,14 +248,15 @@ class HubReader(Reader):
         return open_rgb(self.tables[split][int(i)][self.image_column])
 
 
-def from_hub(repo_id: str, *, image_column: str = "image", label_column: str = "label",
+def from_hub(repo_id: str, *, image_column: str = "image", label_column: str | Sequence[str] = "label",
              splits: Mapping[str, str] | None = None, name: str | None = None, config: str | None = None,
              data_files=None, revision: str | None = None, class_names=None, classes: Sequence[str] | None = None,
              test_fraction: float = 0.3, split_seed: int = 0, cache_dir=None, **meta) -> Dataset:
     """A Hub dataset (parquet or image-folder repo) through ``datasets.load_dataset``.
 
     ``repo_id`` may also be a local folder with the same layout (parquet files or an image
-    folder). ``splits`` maps our split names to the repo's, e.g.
+    folder). ``label_column`` may be a list of columns whose values are joined with ``/`` into
+    the class id (LC25000 on the Hub: ``[organ, label]`` → ``lung/adenocarcinomas``). ``splits`` maps our split names to the repo's, e.g.
     ``{"train": "train", "val": "validation", "test": "test"}``. Loading scripts are not
     supported by ``datasets`` >= 4; pick a parquet repo instead.
     """
@@ -284,10 +285,22 @@ def from_hub(repo_id: str, *, image_column: str = "image", label_column: str = "
                             f"{available}." + did_you_mean(theirs, available))
     first = next(iter(tables.values()))
     columns = list(first.column_names)
-    for col, what in ((image_column, "image_column"), (label_column, "label_column")):
+    label_columns = [label_column] if isinstance(label_column, str) else list(label_column)
+    for col, what in [(image_column, "image_column")] + [(c, "label_column") for c in label_columns]:
         if col not in columns:
             raise DataError(f"Hub dataset {repo_id!r} has no column {col!r} (set by {what}); columns are "
                             f"{columns}." + did_you_mean(col, columns))
+    if len(label_columns) > 1:
+        def joined(table):
+            parts = []
+            for c in label_columns:
+                feat, values = table.features[c], table[c]
+                parts.append([feat.int2str(v) if isinstance(feat, hfds.ClassLabel) else str(v) for v in values])
+            return ["/".join(p) for p in zip(*parts)]
+
+        label_column = "__label__"
+        tables = {k: t.add_column(label_column, joined(t)) for k, t in tables.items()}
+        first = next(iter(tables.values()))
     feature = first.features[label_column]
     if isinstance(feature, hfds.ClassLabel):
         class_ids = list(feature.names)
@@ -315,3 +328,65 @@ def from_hub(repo_id: str, *, image_column: str = "image", label_column: str = "
                    source={"kind": "hub", "repo_id": repo_id, "config": config, "revision": revision,
                            "splits": splits, "image_column": image_column, "label_column": label_column},
                    notes=notes, **meta)
+
+
+# -- an image-folder archive in a Hub dataset repo (BiomedCoOp: one zip per dataset) ----------
+
+def _fetch_archive(repo_id: str, filename: str, cache_dir) -> Path:
+    local = Path(repo_id).expanduser()
+    if local.is_dir():  # a local copy of the repository
+        path = local / filename
+        if not path.is_file():
+            raise DataError(f"{filename!r} not found in local folder {str(local)!r}.")
+        return path
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type="dataset", cache_dir=cache_dir))
+    except Exception as err:
+        raise DataError(f"could not download {filename!r} from Hub dataset {repo_id!r}: {type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}. Offline? Download it elsewhere and pass the folder "
+                        "holding it as repo_id.") from None
+
+
+def from_hub_archive(repo_id: str, filename: str, *, subdir: str = "", name: str | None = None,
+                     cache_dir=None, **folder_kwargs) -> Dataset:
+    """A zip of class folders stored in a Hub dataset repo, downloaded once, extracted once, read as a folder.
+
+    BiomedCoOp ships each benchmark as ``<NAME>.zip`` holding ``<NAME>/<NAME>/<class>/*.jpg``
+    in ``TahaKoleilat/BiomedCoOp``; loading the whole repo with ``datasets`` would merge all of
+    them into one label space. Extraction goes to a temporary folder renamed into place, so an
+    interrupted extraction is never mistaken for a complete one.
+    """
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+    import zipfile
+
+    archive = _fetch_archive(repo_id, filename, cache_dir)
+    digest = hashlib.sha256(f"{archive.resolve()}:{archive.stat().st_size}:{archive.stat().st_mtime_ns}".encode())
+    base = Path(cache_dir or Path.home() / ".cache" / "workbench") / "extracted"
+    target = base / f"{Path(filename).stem}-{digest.hexdigest()[:12]}"
+    if not target.is_dir():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=base))
+        try:
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+            os.replace(tmp, target)
+        except zipfile.BadZipFile:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{str(archive)!r} is not a valid zip file (truncated download?); delete it and retry.") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    root = target / subdir
+    if not root.is_dir():
+        found = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_dir())[:8]
+        raise DataError(f"archive {filename!r} has no folder {subdir!r}; its folders include {found}. Set "
+                        "source.subdir to the folder that holds the class folders.")
+    ds = from_folder(root, name=name or Path(filename).stem, **folder_kwargs)
+    ds.source = {"kind": "hub_archive", "repo_id": repo_id, "filename": filename, "subdir": subdir,
+                 "extracted": str(root), **{k: v for k, v in ds.source.items() if k in ("test_fraction", "split_seed")}}
+    return ds

@@ -91,3 +91,84 @@ def synthetic_shapes(n_classes: int = 4, *, shapes: list[str] | None = None, tra
                    splits=splits, reader=ShapeReader(list(shapes), image_size, seed),
                    source={"kind": "synthetic", "generator": "shapes", "seed": seed, "image_size": image_size},
                    templates=["a photo of a {}.", "a drawing of a {}."])
+
+
+LEAF_CONDITIONS = ("healthy", "rust", "blight", "powdery_mildew")
+
+
+class LeafReader(Reader):
+    """A leaf on a soil-coloured background, healthy or with one of three disease patterns."""
+
+    def __init__(self, conditions: list[str], image_size: int, seed: int):
+        self.conditions = conditions
+        self.image_size = image_size
+        self.seed = seed
+
+    def __call__(self, ref) -> Image.Image:
+        split_code, index, label = ref
+        rng = np.random.default_rng([self.seed, split_code, index, 7])
+        s = self.image_size
+        soil = tuple(int(c) for c in (rng.integers(70, 120), rng.integers(50, 85), rng.integers(30, 55)))
+        image = Image.new("RGB", (s, s), soil)
+        draw = ImageDraw.Draw(image)
+        cx, cy = s / 2 + rng.uniform(-0.08, 0.08) * s, s / 2 + rng.uniform(-0.08, 0.08) * s
+        half_len, half_w = rng.uniform(0.36, 0.46) * s, rng.uniform(0.18, 0.26) * s
+        green = (int(rng.integers(40, 90)), int(rng.integers(120, 180)), int(rng.integers(30, 70)))
+        leaf = [cx - half_w, cy - half_len, cx + half_w, cy + half_len]
+        draw.ellipse(leaf, fill=green)
+        vein = tuple(min(255, c + 40) for c in green)
+        draw.line([cx, cy - half_len, cx, cy + half_len], fill=vein, width=max(1, s // 64))
+        for t in np.linspace(-0.6, 0.6, 5):
+            y = cy + t * half_len
+            draw.line([cx, y, cx - half_w * 0.8, y - half_len * 0.2], fill=vein, width=1)
+            draw.line([cx, y, cx + half_w * 0.8, y - half_len * 0.2], fill=vein, width=1)
+
+        def inside():
+            a = rng.uniform(0, 2 * np.pi)
+            r = np.sqrt(rng.uniform(0, 0.8))
+            return cx + r * half_w * np.cos(a), cy + r * half_len * np.sin(a)
+
+        condition = self.conditions[label]
+        if condition == "rust":  # many small orange-brown pustules
+            for _ in range(int(rng.integers(15, 30))):
+                x, y = inside()
+                rad = rng.uniform(0.01, 0.025) * s
+                draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=(190, int(rng.integers(80, 120)), 30))
+        elif condition == "blight":  # a few large dark-brown lesions with a yellow halo
+            for _ in range(int(rng.integers(2, 4))):
+                x, y = inside()
+                rad = rng.uniform(0.06, 0.11) * s
+                draw.ellipse([x - rad * 1.3, y - rad * 1.3, x + rad * 1.3, y + rad * 1.3], fill=(200, 190, 60))
+                draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=(90, 55, 25))
+        elif condition == "powdery_mildew":  # diffuse white powdery patches
+            overlay = Image.new("L", (s, s), 0)
+            od = ImageDraw.Draw(overlay)
+            for _ in range(int(rng.integers(4, 8))):
+                x, y = inside()
+                rad = rng.uniform(0.05, 0.1) * s
+                od.ellipse([x - rad, y - rad, x + rad, y + rad], fill=int(rng.integers(150, 220)))
+            overlay = overlay.filter(ImageFilter.GaussianBlur(s / 40))
+            image = Image.composite(Image.new("RGB", (s, s), (235, 235, 225)), image, overlay)
+        noise = rng.normal(0, 8, size=(s, s, 3))
+        return Image.fromarray(np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
+
+
+def synthetic_leaves(*, train_per_class: int = 30, val_per_class: int = 10, test_per_class: int = 20,
+                     image_size: int = 64, seed: int = 0, name: str = "leaf_disease_synthetic",
+                     class_names=None, **meta) -> Dataset:
+    """Procedurally generated leaves: healthy, rust spots, blight patches, powdery mildew.
+
+    An offline stand-in for the agriculture domain (no small permissively licensed real set
+    could be shipped); the patterns follow the usual visual descriptions of those diseases.
+    """
+    conditions = list(LEAF_CONDITIONS)
+    names = list(class_names) if class_names is not None else [c.replace("_", " ") for c in conditions]
+    splits = {}
+    for code, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class),
+                                               ("test", test_per_class))):
+        if per_class > 0:
+            splits[split] = [Sample(f"{split}/{conditions[label]}/{i}", label, (code, label * 100_000 + i, label))
+                             for label in range(len(conditions)) for i in range(per_class)]
+    return Dataset(name=name, class_ids=conditions, class_names=names, splits=splits,
+                   reader=LeafReader(conditions, image_size, seed),
+                   source={"kind": "synthetic", "generator": "leaves", "seed": seed, "image_size": image_size}, **meta)
