@@ -35,6 +35,16 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="outputs/cli")
 
+    p = sub.add_parser("sweep", help="run or resume a sweep described by a YAML spec")
+    p.add_argument("spec")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--engine", choices=["local", "dask"], default=None)
+
+    p = sub.add_parser("report", help="tables and figures of a results table, written to a folder")
+    p.add_argument("results")
+    p.add_argument("--out", default=None, help="folder (default: <results folder>/report)")
+    p.add_argument("--metric", default="accuracy")
+
     p = sub.add_parser("summarize", help="mean ± std over seeds from a results CSV")
     p.add_argument("results")
     p.add_argument("--metric", default="accuracy")
@@ -64,6 +74,19 @@ def main(argv=None) -> int:
                                cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out)
             print(wb.summarize(table).to_string(index=False))
             print(f"results: {out / 'results.csv'}")
+        elif args.command == "sweep":
+            from workbench.sweep import sweep
+
+            summary = sweep(args.spec, workers=args.workers, engine=args.engine)
+            print(f"results: {summary.output_dir / 'results.csv'}")
+            return 1 if summary.failed else 0
+        elif args.command == "report":
+            from pathlib import Path
+
+            from workbench.report import write_report
+
+            out = Path(args.out) if args.out else Path(args.results).parent / "report"
+            print(f"report: {write_report(args.results, out, metric=args.metric)}")
         elif args.command == "summarize":
             from workbench.report import results_table
 

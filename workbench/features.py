@@ -131,8 +131,9 @@ class FeatureCache:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.show_progress = show_progress
-        self.stats = {"images_encoded": 0, "hits": 0, "misses": 0, "rebuilt": 0}
+        self.stats = {"images_encoded": 0, "hits": 0, "misses": 0, "rebuilt": 0, "sliced": 0}
         self._memory: dict[str, Features] = {}
+        self._pools: dict[str, tuple[Features, dict, dict]] = {}
 
     # -- keys -------------------------------------------------------------------------------
     def key(self, dataset: Dataset, ids: Sequence[str], views: int, aug_seed: int | None,
@@ -166,6 +167,11 @@ class FeatureCache:
         if key in self._memory:
             self.stats["hits"] += 1
             return self._memory[key]
+        if views == 0 and dataset.fingerprint() in self._pools:
+            sliced = self._slice(dataset.fingerprint(), ids, key)
+            if sliced is not None:
+                self.stats["sliced"] += 1
+                return sliced
         path = self._path(key)
         if path is not None and path.exists():
             feats = self._load(path, key)
@@ -187,6 +193,28 @@ class FeatureCache:
 
     def clear_memory(self) -> None:
         self._memory.clear()
+        self._pools.clear()
+
+    def pool(self, dataset: Dataset) -> Features:
+        """Encode (or load) every image of every split once; later eval-transform requests on this
+        dataset are served as slices of it, whatever their split, K or seed (sweeps: one pass)."""
+        fp = dataset.fingerprint()
+        if fp in self._pools:
+            return self._pools[fp][0]
+        samples = [s for split in sorted(dataset.splits) for s in dataset.splits[split]]
+        feats = self.get(dataset, samples, desc=f"encode {dataset.name} (all splits)")
+        self._pools[fp] = (feats, {i: n for n, i in enumerate(feats.ids)}, {d["id"]: d for d in feats.skipped})
+        return feats
+
+    def _slice(self, fingerprint: str, ids: Sequence[str], key: str) -> Features | None:
+        feats, index, skipped = self._pools[fingerprint]
+        if not all(i in index or i in skipped for i in ids):
+            return None
+        rows = [index[i] for i in ids if i in index]
+        out = Features(raw=feats.raw[:, rows], labels=feats.labels[rows], ids=[i for i in ids if i in index],
+                       skipped=[skipped[i] for i in ids if i in skipped], key=key)
+        self._memory[key] = out
+        return out
 
     # -- encoding ---------------------------------------------------------------------------
     def _encode(self, dataset, samples, transform, n_views, aug_seed, desc) -> Features:

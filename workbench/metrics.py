@@ -60,6 +60,21 @@ def expected_calibration_error(probs: np.ndarray, y_true: np.ndarray, n_bins: in
     return float(ece)
 
 
+def calibration_bins(probs: np.ndarray, y_true: np.ndarray, n_bins: int = ECE_BINS) -> list[dict]:
+    """Per confidence bin: count, mean confidence, accuracy (the reliability diagram's data)."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == y_true
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (conf > lo) & (conf <= hi)
+        n = int(in_bin.sum())
+        bins.append({"low": float(lo), "high": float(hi), "count": n,
+                     "confidence": float(conf[in_bin].mean()) if n else None,
+                     "accuracy": float(correct[in_bin].mean()) if n else None})
+    return bins
+
+
 def macro_auroc(probs: np.ndarray, y_true: np.ndarray) -> float:
     """Mean one-vs-rest AUROC over classes that have both positives and negatives in the test set."""
     from sklearn.metrics import roc_auc_score
@@ -91,6 +106,7 @@ def compute_metrics(logits, y_true, n_classes: int | None = None) -> dict:
         "ece": expected_calibration_error(probs, y_true),
         "per_class_recall": [None if np.isnan(r) else float(r) for r in recall],
         "confusion": cm.tolist(),
+        "calibration": calibration_bins(probs, y_true),
     }
 
 

@@ -1,0 +1,147 @@
+"""Sweeps: the grid runs, resumes after a kill with no duplicate or lost row, repeats its numbers, records failures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+import workbench as wb
+from workbench.errors import ConfigError
+from workbench.sweep import SweepSpec, cells, sweep
+
+GRID = {"datasets": ["pneumoniamnist_mini", "whu_rs19_mini"], "backbones": ["workbench-tiny"],
+        "methods": ["zero_shot", "linear_probe", "tip_adapter", "gda"], "shots": [1, 2], "seeds": [1, 2]}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep_ref")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # whu_rs19_mini: fewer images than asked for the K-shot val set
+        summary = sweep({**GRID, "output_dir": str(out)}, show_progress=False)
+    return summary
+
+
+def test_grid_runs_once_with_one_encoding_pass(reference):
+    assert (reference.done, reference.skipped, reference.failed) == (32, 0, 0)
+    table = reference.table
+    assert len(table) == 32 and table["cell_id"].is_unique
+    assert set(table["method"]) == set(GRID["methods"]) and set(table["shots"]) == {1, 2}
+    # every image of both datasets through the eval transform once (the pools) ...
+    assert reference.pool_encoded == 260 + 190
+    # ... and inside the cells only the support sets' augmented views (Tip-Adapter and GDA share them)
+    views = sum(10 * k * c for c in (2, 19) for k in (1, 2) for _ in (1, 2))
+    assert reference.cell_encoded == views
+
+
+def test_rerun_skips_everything(reference):
+    again = sweep({**GRID, "output_dir": str(reference.output_dir)}, show_progress=False)
+    assert (again.done, again.skipped, again.pool_encoded) == (0, 32, 0)
+    assert len(again.table) == 32
+
+
+def test_killed_sweep_resumes_with_the_same_numbers(reference, tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**GRID, "output_dir": str(tmp_path / "out")}))
+    env = dict(os.environ, TQDM_DISABLE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "workbench.cli", "sweep", str(spec)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = tmp_path / "out" / "results.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if results.exists() and len(pd.read_csv(results)) >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(pd.read_csv(results))
+    assert 6 <= partial < 32, "the kill should land midway"
+    resumed = sweep(str(spec), show_progress=False)
+    assert resumed.skipped == partial and resumed.done == 32 - partial
+    table = resumed.table
+    assert len(table) == 32 and table["cell_id"].is_unique
+    ref = reference.table.set_index("cell_id")
+    got = table.set_index("cell_id").loc[ref.index]
+    for col in ("accuracy", "balanced_accuracy", "macro_f1", "ece"):
+        assert (got[col] == ref[col]).all(), col
+
+
+def test_failed_cell_is_recorded_and_the_others_finish(tmp_path, quiet):
+    spec = {"datasets": ["whu_rs19_mini", "pneumoniamnist_mini"], "methods": [
+        "zero_shot", {"name": "gda", "params": {"selection": "full_val"}, "label": "gda_full_val"}],
+        "shots": [1], "seeds": [1], "output_dir": str(tmp_path)}
+    summary = sweep(spec, show_progress=False)
+    assert (summary.done, summary.failed) == (3, 1)  # whu_rs19_mini has no val split for full_val
+    failures = pd.read_csv(tmp_path / "failures.csv")
+    assert failures.iloc[0]["dataset"] == "whu_rs19_mini" and "no 'val' split" in failures.iloc[0]["error"]
+    assert set(summary.table["method_label"]) == {"zero_shot", "gda_full_val"}
+
+
+def test_local_process_pool_gives_the_same_rows(reference, tmp_path):
+    grid = {**GRID, "datasets": ["pneumoniamnist_mini"], "output_dir": str(tmp_path), "workers": 2}
+    summary = sweep(grid, show_progress=False)
+    assert summary.done == 16
+    ref = reference.table.set_index("cell_id")
+    got = summary.table.set_index("cell_id")
+    assert (got["accuracy"] == ref.loc[got.index, "accuracy"]).all()
+
+
+def test_dask_local_cluster_gives_the_same_rows(reference, tmp_path):
+    pytest.importorskip("dask.distributed")
+    grid = {**GRID, "datasets": ["pneumoniamnist_mini"], "methods": ["zero_shot", "gda"], "output_dir": str(tmp_path),
+            "workers": 2, "engine": "dask"}
+    summary = sweep(grid, show_progress=False)
+    assert summary.done == 8
+    ref = reference.table.set_index("cell_id")
+    got = summary.table.set_index("cell_id")
+    assert (got["accuracy"] == ref.loc[got.index, "accuracy"]).all()
+
+
+def test_notebook_runner_saves_each_run(tmp_path):
+    spec = {"datasets": ["pneumoniamnist_mini"], "methods": ["linear_probe"], "shots": [2], "seeds": [1],
+            "output_dir": str(tmp_path), "runner": "notebook", "notebook": "00_quickstart.ipynb"}
+    summary = sweep(spec, show_progress=False)
+    assert summary.done == 1, summary.errors
+    cell_id = summary.table["cell_id"].iloc[0]
+    assert (tmp_path / "notebook_runs" / cell_id / "00_quickstart.ipynb").is_file()
+    assert summary.table["method"].iloc[0] == "linear_probe"
+
+
+def test_spec_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**GRID, "seed": [1]}))
+    with pytest.raises(ConfigError, match="unknown key 'seed'.*Did you mean 'seeds'"):
+        SweepSpec.from_yaml(bad)
+    with pytest.raises(ConfigError, match="unknown method 'gdaa'"):
+        SweepSpec(**{**GRID, "methods": ["gdaa"]})
+    with pytest.raises(ConfigError, match="unknown parameter 'alpa'"):
+        SweepSpec(**{**GRID, "methods": [{"name": "gda", "params": {"alpa": 1}}]})
+    with pytest.raises(ConfigError, match="no dataset named 'eurosatt'"):
+        SweepSpec(**{**GRID, "datasets": ["eurosatt"]})
+    ids = [c["cell_id"] for c in cells(SweepSpec(**GRID))]
+    assert len(set(ids)) == 32 and ids == [c["cell_id"] for c in cells(SweepSpec(**GRID))]
+
+
+def test_report_writes_tables_and_figures(reference, tmp_path):
+    from workbench.cli import main
+
+    assert main(["report", str(reference.output_dir / "results.csv"), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "README.md").read_text()
+    assert "Mean ± std" in text and "Ranking" in text and "ECE" in text
+    assert (tmp_path / "rep" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "reliability.png").is_file()
+    ranking = wb.report.ranking(reference.table)
+    assert list(ranking.columns) == ["method", "mean_rank", "mean_metric", "wins", "settings"]
+    assert ranking["mean_rank"].is_monotonic_increasing
+    run_id = reference.table["run_id"].iloc[0]
+    recall = wb.report.per_class_recall(reference.output_dir, run_id)
+    assert len(recall) in (2, 19)
+    record = json.loads((reference.output_dir / "runs" / run_id / "provenance.json").read_text())
+    assert sum(b["count"] for b in record["metrics"]["calibration"]) == record["row"]["n_test"]
