@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/features.py
 	$(BIN)/python bench/training_free.py
 	$(BIN)/python bench/fine_tuning.py
+	$(BIN)/python bench/sweep.py
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -12,7 +12,7 @@ def test_second_identical_request_encodes_nothing(cache, shapes):
     assert cache.stats["images_encoded"] == 12
     fresh = wb.FeatureCache(cache.backbone, cache.root, show_progress=False)  # new process, same disk
     second = fresh.get(shapes, ids)
-    assert fresh.stats == {"images_encoded": 0, "hits": 1, "misses": 0, "rebuilt": 0}
+    assert fresh.stats == {"images_encoded": 0, "hits": 1, "misses": 0, "rebuilt": 0, "sliced": 0}
     assert torch.equal(first.views, second.views) and first.ids == second.ids
     assert torch.allclose(first.x.norm(dim=-1), torch.ones(12), atol=1e-5)
 
@@ -85,3 +85,16 @@ def test_unreadable_images_at_encode_time_are_skipped(backbone, tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         feats = wb.FeatureCache(backbone, None, show_progress=False).get(ds, ds.split("train"))
     assert feats.ids == ["a"] and feats.skipped[0]["id"] == "b"
+
+
+def test_pool_serves_every_split_request_as_a_slice(backbone, shapes, tmp_path):
+    cache = wb.FeatureCache(backbone, tmp_path, show_progress=False)
+    pool = cache.pool(shapes)
+    n = sum(len(v) for v in shapes.splits.values())
+    assert cache.stats["images_encoded"] == n and len(pool) == n
+    direct = wb.FeatureCache(backbone, None, show_progress=False).get(shapes, shapes.split("test")[:7])
+    sliced = cache.get(shapes, shapes.split("test")[:7])
+    assert cache.stats == {"images_encoded": n, "hits": 0, "misses": 1, "rebuilt": 0, "sliced": 1}
+    assert sliced.ids == direct.ids and torch.allclose(sliced.views, direct.views, atol=1e-5)
+    cache.get(shapes, shapes.split("train")[:4], views=2)  # augmented views are not in the pool
+    assert cache.stats["images_encoded"] == n + 8

@@ -102,3 +102,31 @@ def test_registry_and_parameter_errors():
         wb.get_method("linear_probe", max_iters=3)
     with pytest.raises(RuntimeError, match="call fit"):
         wb.get_method("zero_shot").predict_logits(torch.zeros(1, 128))
+
+
+def test_compare_templates_chooses_on_val_and_only_reports_test(backbone, quiet):
+    from tests.test_experiment import PoisonedTest
+    from workbench.data import synthetic_shapes
+    from workbench.prompts import compare_templates
+
+    sets = {"photo": ["a photo of a {}."], "dataset": [], "drawing": ["a drawing of a {}.", "a sketch of a {}."]}
+    clean = synthetic_shapes(4, train_per_class=5, val_per_class=6, test_per_class=10)
+    poisoned = synthetic_shapes(4, train_per_class=5, val_per_class=6, test_per_class=10)
+    poisoned.reader = PoisonedTest(poisoned.reader.shapes, 64, 0)
+    a = compare_templates(clean, backbone, sets)
+    b = compare_templates(poisoned, backbone, sets)
+    assert list(a["templates"]) == ["photo", "dataset", "drawing"] and list(a["n_templates"]) == [1, 2, 2]
+    assert (a["selection_split"] == "val").all()
+    assert a["selection_accuracy"].tolist() == b["selection_accuracy"].tolist()  # test images play no part
+    assert a["example"].iloc[2] == "a drawing of a circle."
+
+
+def test_load_user_data_takes_exactly_one_source():
+    from workbench.data import load_user_data
+
+    ds = load_user_data("data/whu_rs19_mini", class_names={"footballfield": "football field"})
+    assert "football field" in ds.class_names and "railwaystation" in ds.class_names
+    with pytest.raises(wb.DataError, match="exactly one"):
+        load_user_data("data/whu_rs19_mini", "labels.csv")
+    with pytest.raises(wb.DataError, match="exactly one"):
+        load_user_data()

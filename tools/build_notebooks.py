@@ -251,7 +251,123 @@ wb.summarize(results, data.metric).pivot(index="method", columns="shots", values
     ("code", """wb.report.plot_accuracy_vs_shots(results, data.metric);""", []),
 ]
 
-NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "02_training_free.ipynb": TRAINING_FREE,
+ZERO_SHOT = [
+    ("md", """# 01 · Zero-shot classification and prompts
+
+Zero-shot CLIP needs no training images: each class becomes a text classifier, the mean of the
+normalised embeddings of its prompts ("a satellite photo of {}.", …), and an image goes to the
+class whose text it is most similar to. Which prompts you use matters, sometimes by many points.
+
+Choose templates on the selection split (the dataset's validation split, or its training pool),
+never on the test split: the table shows test accuracy only to report it.
+
+""" + OFFLINE_NOTE, []),
+    ("code", """backbone: str = "workbench-tiny"  # open_clip architecture or alias, e.g. "ViT-B-16-quickgelu" or "remoteclip-vit-b-32"
+pretrained: str = ""  # pretrained tag or checkpoint path, e.g. "openai"; "" = the offline default's seeded random weights
+dataset: str = "whu_rs19_mini"  # a dataset name from domains/ (see wb.list_datasets()) or a YAML path
+template_sets: dict = {"photo": ["a photo of a {}."], "dataset YAML": [], "remote sensing ensemble": ["a satellite photo of {}.", "aerial imagery of {}.", "a satellite image of {}.", "an aerial photo of {}."]}  # name -> templates ([] = the dataset's)
+device: str = "auto"  # auto, cpu, cuda, mps
+output_dir: str = "outputs/zero_shot"  # cache and run records; relative to the repository root""", ["parameters"]),
+    ("code", """import workbench as wb
+
+params = wb.notebook.check_parameters(globals(), "01_zero_shot_prompts.ipynb")  # unknown name or bad value -> clear error
+out = wb.resolve(output_dir)""", []),
+    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
+data = wb.load_dataset(dataset)
+cache = wb.FeatureCache(model, out / "features")
+print(data.describe())""", []),
+    ("md", "## Compare template sets", []),
+    ("code", """wb.prompts.compare_templates(data, model, template_sets, cache)""", []),
+    ("md", "## Where zero-shot fails: recall per class", []),
+    ("code", """run = wb.run_experiment(data, model, "zero_shot", 1, 1, cache=cache, out_dir=out)
+wb.report.per_class_recall(out, run.row["run_id"]).head(10)""", []),
+]
+
+COMPARE = [
+    ("md", """# 06 · Compare methods across datasets
+
+Reads a results table (one row per run, from `wb.compare` or `workbench sweep`) and shows what a
+paper would: mean ± std over seeds per (dataset, method, K), accuracy-vs-shots curves per
+dataset, a ranking of methods across datasets and shots, per-class recall and calibration (ECE,
+reliability diagram) of a chosen run. `workbench report RESULTS.csv` writes the same tables and
+figures to a folder.
+
+By default it first runs (or resumes) the offline demo sweep `sweeps/offline_demo.yaml`.
+
+""" + OFFLINE_NOTE, []),
+    ("code", """sweep_spec: str = "sweeps/offline_demo.yaml"  # a sweep YAML to run or resume first; "" = only read results_csv
+results_csv: str = "outputs/sweep_demo/results.csv"  # the results table to compare; relative to the repository root
+metric: str = "accuracy"  # accuracy, balanced_accuracy, macro_f1 or macro_auroc
+run_id: str = ""  # the run whose per-class recall and calibration to show; "" = the best run""", ["parameters"]),
+    ("code", """import workbench as wb
+
+params = wb.notebook.check_parameters(globals(), "06_compare_methods.ipynb")  # unknown name or bad value -> clear error
+summary = wb.sweep(wb.resolve(sweep_spec)) if sweep_spec else None
+results = wb.report.results_table(wb.resolve(results_csv))
+chosen = run_id or results.sort_values(metric, ascending=False)["run_id"].iloc[0]""", []),
+    ("code", """wb.report.summary_table(results, metric)""", []),
+    ("code", """wb.report.plot_curves(results, metric);""", []),
+    ("code", """wb.report.ranking(results, metric)""", []),
+    ("code", """wb.report.calibration_table(results).head(8)""", []),
+    ("md", "## One run up close", []),
+    ("code", """wb.report.per_class_recall(wb.resolve(results_csv).parent, chosen).head(8)""", []),
+    ("code", """wb.report.plot_reliability(wb.resolve(results_csv).parent, chosen);""", []),
+]
+
+BYOD = [
+    ("md", """# 07 · Bring your own data
+
+A folder of images (`root/<class>/*.jpg`) or a CSV manifest (`path,label`) → pick a backbone →
+compare methods on K-shot splits → save the best adapted model → predict on new images.
+Readable class names (`footballfield` → "football field") and prompt templates are parameters.
+Unreadable images are skipped and listed; if more than 5 % are bad the load stops with the list.
+
+The defaults use the bundled WHU-RS19 sample (`data/whu_rs19_mini`, 10 images per class) so the
+notebook runs offline. Point `images_folder` (or `csv_file`) at your data and `backbone` at a
+real model.
+
+""" + OFFLINE_NOTE, []),
+    ("code", """images_folder: str = "data/whu_rs19_mini"  # a folder of class sub-folders; relative to the repository root
+csv_file: str = ""  # or a CSV manifest with one row per image (then set images_folder to "")
+path_column: str = "path"  # CSV column with the image path (relative to the CSV's folder)
+label_column: str = "label"  # CSV column with the class id
+class_names: dict = {"footballfield": "football field", "railwaystation": "railway station"}  # class id -> readable name, for ids that are not plain words
+templates: list[str] = ["a satellite photo of {}.", "aerial imagery of {}."]  # prompt templates with one {}
+backbone: str = "workbench-tiny"  # open_clip architecture or alias, e.g. "remoteclip-vit-b-32"
+pretrained: str = ""  # pretrained tag or checkpoint path, e.g. "openai"
+methods: list[str] = ["zero_shot", "linear_probe", "tip_adapter", "gda"]  # methods to compare
+shots: list[int] = [1, 2, 4]  # K, support images per class
+seeds: list[int] = [1, 2]  # few-shot sampling seeds
+device: str = "auto"  # auto, cpu, cuda, mps
+output_dir: str = "outputs/my_data"  # results, splits, cache and the saved model; relative to the repository root""",
+     ["parameters"]),
+    ("code", """import workbench as wb
+
+params = wb.notebook.check_parameters(globals(), "07_bring_your_own_data.ipynb")  # unknown name or bad value -> clear error
+out = wb.resolve(output_dir)
+prompts = wb.prompts.validate_templates(templates)""", []),
+    ("code", """data = wb.data.load_user_data(images_folder, csv_file, class_names=class_names, path_column=path_column,
+                              label_column=label_column)
+print(data.describe())
+data.counts().T""", []),
+    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
+cache = wb.FeatureCache(model, out / "features")
+results = wb.compare(data, model, methods, shots, seeds, cache=cache, templates=prompts,
+                     split_dir=out / "splits", out_dir=out)
+wb.report.summary_table(results, data.metric)""", []),
+    ("code", """wb.report.plot_accuracy_vs_shots(results, data.metric);""", []),
+    ("md", "## Save the best method and use it on new images", []),
+    ("code", """best = wb.report.best_method(results, data.metric)
+final = wb.run_experiment(data, model, best, max(shots), seeds[0], cache=cache, templates=prompts,
+                          split_dir=out / "splits", out_dir=out, save_model=True)
+print(best, "->", final.model_dir)""", []),
+    ("code", """predictor = wb.load(final.model_dir)
+examples = wb.report.sample_images(data, "test", n=6, seed=0)
+wb.report.show_predictions(examples, predictor.predict([image for image, _ in examples]));""", []),
+]
+
+NOTEBOOKS = {"00_quickstart.ipynb": QUICKSTART, "01_zero_shot_prompts.ipynb": ZERO_SHOT,
+             "06_compare_methods.ipynb": COMPARE, "07_bring_your_own_data.ipynb": BYOD, "02_training_free.ipynb": TRAINING_FREE,
              "03_prompt_tuning.ipynb": PROMPT_TUNING, "04_lora.ipynb": LORA, "05_domains.ipynb": DOMAINS}
 
 if __name__ == "__main__":

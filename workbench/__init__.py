@@ -19,7 +19,7 @@ from .features import FeatureCache
 from .methods import available_methods, get_method
 from .paths import repo_root, resolve
 from .predictor import Predictor, load
-from . import domains, notebook, report  # noqa: E402
+from . import data, domains, notebook, prompts, report  # noqa: E402
 from .sweep import sweep  # noqa: E402  (wb.domains.list, wb.notebook.check_parameters, ...)
 
 __all__ = ["OFFLINE_DEFAULT", "Backbone", "load_backbone", "FewShotSplit", "sample_few_shot", "list_datasets",

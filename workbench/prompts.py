@@ -49,3 +49,37 @@ def text_classifier(backbone, class_names: Sequence[str], templates: Sequence[st
         feats = backbone.text_features(prompts)
         rows.append(F.normalize(feats.mean(0), dim=-1))
     return torch.stack(rows)
+
+
+def compare_templates(dataset, backbone, template_sets: Mapping[str, Sequence[str]], cache=None):
+    """Zero-shot accuracy of several prompt-template sets.
+
+    ``selection_accuracy`` is measured on the ``val`` split (or, without one, on the training
+    pool) — use it to choose; ``test_accuracy`` is for reporting only: choosing templates by test
+    accuracy would leak the test set into the choice. An empty template list means the
+    dataset's own templates.
+    """
+    import pandas as pd
+
+    from .features import FeatureCache
+    from .metrics import compute_metrics
+
+    cache = cache or FeatureCache(backbone, None)
+    choose_split = "val" if dataset.has_split("val") and dataset.split("val") else "train"
+    choose = cache.get(dataset, dataset.split(choose_split), desc=choose_split)
+    test = cache.get(dataset, dataset.split("test"), desc="test")
+    rows = []
+    for name, templates in template_sets.items():
+        templates = list(templates) or list(dataset.templates or DEFAULT_TEMPLATES)
+        weights = text_classifier(backbone, dataset.class_names, templates)
+        scores = {}
+        for label, feats in (("selection", choose), ("test", test)):
+            logits = backbone.logit_scale * feats.x @ weights.T
+            m = compute_metrics(logits, feats.labels, dataset.n_classes)
+            scores[label] = m
+        rows.append({"templates": name, "n_templates": len(templates), "selection_split": choose_split,
+                     "selection_accuracy": scores["selection"]["accuracy"],
+                     "test_accuracy": scores["test"]["accuracy"],
+                     "test_balanced_accuracy": scores["test"]["balanced_accuracy"],
+                     "example": templates[0].format(dataset.class_names[0])})
+    return pd.DataFrame(rows)

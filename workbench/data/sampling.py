@@ -129,11 +129,17 @@ def sample_few_shot(dataset: Dataset, shots: int, seed: int, *, val_shots: int |
     return split
 
 
+_WARNED: set = set()
+
+
 def _warn_shortfalls(name: str, split: FewShotSplit) -> None:
-    if split.shortfalls:
+    """Warn once per split and process (every method reuses the split; the record keeps the details)."""
+    key = (split.fingerprint, split.shots, split.seed, split.val_shots)
+    if split.shortfalls and key not in _WARNED:
+        _WARNED.add(key)
         items = ", ".join(f"{c}: {v['train']}/{split.shots} train, {v['val']}/{split.val_shots} val"
                           for c, v in list(split.shortfalls.items())[:5])
         more = f" (+{len(split.shortfalls) - 5} more)" if len(split.shortfalls) > 5 else ""
         warnings.warn(f"dataset {name!r}, {split.shots}-shot seed {split.seed}: {len(split.shortfalls)} class(es) "
                       f"have fewer images than asked, using what there is — {items}{more}. Recorded in the split "
-                      "file and the result row.", stacklevel=3)
+                      "file and in each run's provenance.", stacklevel=3)

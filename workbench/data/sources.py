@@ -390,3 +390,19 @@ def from_hub_archive(repo_id: str, filename: str, *, subdir: str = "", name: str
     ds.source = {"kind": "hub_archive", "repo_id": repo_id, "filename": filename, "subdir": subdir,
                  "extracted": str(root), **{k: v for k, v in ds.source.items() if k in ("test_fraction", "split_seed")}}
     return ds
+
+
+def load_user_data(folder: str | None = None, csv: str | None = None, **kwargs) -> Dataset:
+    """Your own images: an image folder (``root/<class>/*.jpg``) or a CSV manifest; exactly one of them.
+
+    Relative paths are taken from the repository root. Extra keyword arguments go to
+    :func:`from_folder` / :func:`from_csv` (``class_names``, ``path_column``, ``test_fraction``...).
+    """
+    from ..paths import resolve
+
+    if bool(folder) == bool(csv):
+        raise DataError("give either an image folder or a CSV manifest (exactly one of them).")
+    if folder:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("path_column", "label_column")}
+        return from_folder(resolve(folder), **kwargs)
+    return from_csv(resolve(csv), **kwargs)
