@@ -286,3 +286,12 @@ def test_clip_lora_trains_on_timm_and_bert_towers(biomed_like):
     ds = synthetic_shapes(3, train_per_class=8, val_per_class=2, test_per_class=4, image_size=32)
     run = wb.run_experiment(ds, biomed_like, "clip_lora", 2, 1, method_params={"iterations": 2, "batch_size": 4})
     assert run.method.fit_info["target_modules"] == 36 + 6 and run.method.fit_info["iterations"] == 2
+
+
+def test_clip_lora_can_keep_the_best_validation_epoch(backbone, shapes16):
+    task = _task(shapes16, backbone, shots=4)
+    run = wb.get_method("clip_lora", iterations=6, batch_size=8, lr=5e-3, checkpoint_selection="val").fit(task)
+    info = run.fit_info
+    assert info["checkpoint_selection"] == "val" and 0 <= info["chosen_epoch"] < info["epochs"]
+    with pytest.raises(ConfigError, match="checkpoint_selection"):
+        wb.get_method("clip_lora", checkpoint_selection="test").fit(task)

@@ -100,3 +100,12 @@ def test_domains_notebook_takes_a_dataset_yaml_with_f(tmp_path):
     assert set(table["domain"]) == {"agriculture"} and set(table["method"]) == {"zero_shot", "gda"}
     bad = subprocess.run(cmd + ["-p", "domian", "medical"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "unknown parameter 'domian'" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_papermill_documents_every_parameter(path):
+    proc = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0
+    for name, info in declared_parameters(path).items():
+        assert name in proc.stdout and info["help"].split()[0] in proc.stdout

@@ -15,6 +15,8 @@ def build(cells, path):
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
     for kind, src, tags in cells:
+        if "parameters" in (tags or []):
+            src = "\n".join(_help_safe(line) for line in src.splitlines())
         cell = nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
         if tags:
             cell.metadata["tags"] = list(tags)
@@ -23,6 +25,14 @@ def build(cells, path):
         cell["id"] = f"cell-{i:02d}"
     nbformat.validate(nb)
     nbformat.write(nb, path)
+
+
+def _help_safe(line: str) -> str:
+    """papermill's parameter parser gives up on a line whose help comment contains ' = '."""
+    if "#" not in line:
+        return line
+    code, comment = line.split("#", 1)
+    return code + "#" + comment.replace('"" = ', "empty means ").replace("[] = ", "empty means ").replace(" = ", " means ")
 
 
 def strip(path):
