@@ -27,6 +27,18 @@ import torch.nn.functional as F
 from .errors import ConfigError
 
 
+def _split_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """Three ``d x d`` Linears holding the q, k and v thirds of a fused ``3d x d`` projection."""
+    d = weight.shape[1]
+    projs = tuple(nn.Linear(d, d, bias=bias is not None) for _ in range(3))
+    with torch.no_grad():
+        for i, proj in enumerate(projs):
+            proj.weight.copy_(weight[i * d:(i + 1) * d])
+            if bias is not None:
+                proj.bias.copy_(bias[i * d:(i + 1) * d])
+    return projs
+
+
 class SplitAttention(nn.Module):
     """``nn.MultiheadAttention`` with separate q/k/v/out ``nn.Linear`` layers (same call signature)."""
 
@@ -37,13 +49,7 @@ class SplitAttention(nn.Module):
         d = mha.embed_dim
         self.embed_dim, self.num_heads, self.dropout = d, mha.num_heads, mha.dropout
         self.batch_first = mha.batch_first
-        has_bias = mha.in_proj_bias is not None
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=has_bias) for _ in range(3))
-        with torch.no_grad():
-            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                proj.weight.copy_(mha.in_proj_weight[i * d:(i + 1) * d])
-                if has_bias:
-                    proj.bias.copy_(mha.in_proj_bias[i * d:(i + 1) * d])
+        self.q_proj, self.k_proj, self.v_proj = _split_linear(mha.in_proj_weight, mha.in_proj_bias)
         self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
         self.out_proj.load_state_dict(mha.out_proj.state_dict())
         self.to(mha.in_proj_weight.device, mha.in_proj_weight.dtype)
@@ -84,13 +90,7 @@ class SplitQKV(nn.Module):
         d = fused.in_features
         if fused.out_features != 3 * d:
             raise ConfigError(f"fused qkv layer has {fused.out_features} outputs, expected 3 x {d}")
-        bias = fused.bias is not None
-        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=bias) for _ in range(3))
-        with torch.no_grad():
-            for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
-                proj.weight.copy_(fused.weight[i * d:(i + 1) * d])
-                if bias:
-                    proj.bias.copy_(fused.bias[i * d:(i + 1) * d])
+        self.q_proj, self.k_proj, self.v_proj = _split_linear(fused.weight, fused.bias)
         self.to(fused.weight.device, fused.weight.dtype)
 
     def forward(self, x):

@@ -43,11 +43,28 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
             draw.ellipse([cx + dx - s, cy + dy - s, cx + dx + s, cy + dy + s], fill=colour)
 
 
-class ShapeReader(Reader):
-    def __init__(self, shapes: list[str], image_size: int, seed: int):
-        self.shapes = shapes
+class _GeneratedReader(Reader):
+    """Draws image ``ref = (split_code, index, label)`` from a seed alone (picklable, no files)."""
+
+    def __init__(self, classes: list[str], image_size: int, seed: int):
+        self.classes = classes
         self.image_size = image_size
         self.seed = seed
+
+
+def _generated_splits(class_ids: list[str], counts: dict[str, int]) -> dict[str, list[Sample]]:
+    splits = {}
+    for code, (split, per_class) in enumerate(counts.items()):
+        if per_class > 0:
+            splits[split] = [Sample(f"{split}/{class_ids[label]}/{i}", label, (code, label * 100_000 + i, label))
+                             for label in range(len(class_ids)) for i in range(per_class)]
+    return splits
+
+
+class ShapeReader(_GeneratedReader):
+    @property
+    def shapes(self) -> list[str]:
+        return self.classes
 
     def __call__(self, ref) -> Image.Image:
         split_code, index, label = ref
@@ -80,13 +97,8 @@ def synthetic_shapes(n_classes: int = 4, *, shapes: list[str] | None = None, tra
     if unknown:
         raise DataError(f"synthetic_shapes: unknown shape {unknown[0]!r}; choose from {SHAPES}."
                         + did_you_mean(unknown[0], SHAPES))
-    splits = {}
-    for code, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class),
-                                               ("test", test_per_class))):
-        if per_class <= 0:
-            continue
-        splits[split] = [Sample(f"{split}/{label}/{i}", label, (code, label * 100_000 + i, label))
-                         for label in range(len(shapes)) for i in range(per_class)]
+    splits = _generated_splits(list(shapes), {"train": train_per_class, "val": val_per_class,
+                                              "test": test_per_class})
     return Dataset(name=name or f"synthetic_shapes{len(shapes)}", class_ids=list(shapes), class_names=list(shapes),
                    splits=splits, reader=ShapeReader(list(shapes), image_size, seed),
                    source={"kind": "synthetic", "generator": "shapes", "seed": seed, "image_size": image_size},
@@ -96,13 +108,8 @@ def synthetic_shapes(n_classes: int = 4, *, shapes: list[str] | None = None, tra
 LEAF_CONDITIONS = ("healthy", "rust", "blight", "powdery_mildew")
 
 
-class LeafReader(Reader):
+class LeafReader(_GeneratedReader):
     """A leaf on a soil-coloured background, healthy or with one of three disease patterns."""
-
-    def __init__(self, conditions: list[str], image_size: int, seed: int):
-        self.conditions = conditions
-        self.image_size = image_size
-        self.seed = seed
 
     def __call__(self, ref) -> Image.Image:
         split_code, index, label = ref
@@ -128,7 +135,7 @@ class LeafReader(Reader):
             r = np.sqrt(rng.uniform(0, 0.8))
             return cx + r * half_w * np.cos(a), cy + r * half_len * np.sin(a)
 
-        condition = self.conditions[label]
+        condition = self.classes[label]
         if condition == "rust":  # many small orange-brown pustules
             for _ in range(int(rng.integers(15, 30))):
                 x, y = inside()
@@ -163,12 +170,7 @@ def synthetic_leaves(*, train_per_class: int = 30, val_per_class: int = 10, test
     """
     conditions = list(LEAF_CONDITIONS)
     names = list(class_names) if class_names is not None else [c.replace("_", " ") for c in conditions]
-    splits = {}
-    for code, (split, per_class) in enumerate((("train", train_per_class), ("val", val_per_class),
-                                               ("test", test_per_class))):
-        if per_class > 0:
-            splits[split] = [Sample(f"{split}/{conditions[label]}/{i}", label, (code, label * 100_000 + i, label))
-                             for label in range(len(conditions)) for i in range(per_class)]
+    splits = _generated_splits(conditions, {"train": train_per_class, "val": val_per_class, "test": test_per_class})
     return Dataset(name=name, class_ids=conditions, class_names=names, splits=splits,
                    reader=LeafReader(conditions, image_size, seed),
                    source={"kind": "synthetic", "generator": "leaves", "seed": seed, "image_size": image_size}, **meta)
