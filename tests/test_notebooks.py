@@ -3,7 +3,6 @@ import ast
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest

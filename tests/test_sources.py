@@ -1,5 +1,4 @@
 import csv
-import warnings
 
 import numpy as np
 import pytest

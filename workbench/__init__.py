@@ -25,4 +25,4 @@ from .sweep import sweep  # noqa: E402  (wb.domains.list, wb.notebook.check_para
 __all__ = ["OFFLINE_DEFAULT", "Backbone", "load_backbone", "FewShotSplit", "sample_few_shot", "list_datasets",
            "load_dataset", "BackboneError", "ConfigError", "DataError", "WorkbenchError", "compare",
            "run_experiment", "summarize", "FeatureCache", "available_methods", "get_method", "repo_root", "resolve",
-           "Predictor", "load", "sweep"]
+           "Predictor", "load", "sweep", "data", "domains", "notebook", "prompts", "report"]

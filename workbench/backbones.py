@@ -90,7 +90,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def autocast_context(device: torch.device, precision: str):
     """The autocast context for a forward pass (a no-op for fp32)."""
     if precision == "fp32":
-        return torch.autocast(device_type=device.type, enabled=False)
+        import contextlib
+
+        return contextlib.nullcontext()  # also on MPS, whose autocast support varies between torch builds
     dtype = torch.float16 if precision == "amp_fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 

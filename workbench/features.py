@@ -229,7 +229,7 @@ class FeatureCache:
                             persistent_workers=False)
         bar = progress(total=n * n_views, desc=desc, unit="img", disable=not self.show_progress)
         for view_idx, pos, pixels, bad in loader:
-            for v, p, reason in bad:
+            for _, p, reason in bad:
                 reasons[p] = reason
             if pixels is not None:
                 feats = self.backbone.encode_images(pixels, normalize=False).cpu()

@@ -100,7 +100,7 @@ class SplitQKV(nn.Module):
 def split_attention(model: nn.Module) -> int:
     """Split every fused attention projection in ``model`` in place; returns how many were split."""
     count = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.MultiheadAttention):
                 setattr(module, child_name, SplitAttention(child))
