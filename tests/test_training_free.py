@@ -205,3 +205,14 @@ def test_base_to_new_split_and_run(backbone, quiet):
     assert 0 <= row["new_accuracy"] <= 1 and row["base_accuracy"] > 0.5
     assert row["hm"] == pytest.approx(2 * row["base_accuracy"] * row["new_accuracy"]
                                       / (row["base_accuracy"] + row["new_accuracy"]))
+
+
+def test_beat_zero_shot_and_improve_on_the_real_offline_xrays(backbone, quiet):
+    ds = wb.load_dataset("pneumoniamnist_mini")
+    cache = wb.FeatureCache(backbone, None, show_progress=False)
+    methods = ["zero_shot", "tip_adapter", "tip_adapter_f", "gda"]
+    table = wb.compare(ds, backbone, methods, shots=[1, 16], seeds=[1, 2, 3], cache=cache)
+    s = wb.summarize(table, "balanced_accuracy").set_index(["method", "shots"])["mean"]
+    for m in methods[1:]:
+        assert s[m, 16] > s["zero_shot", 16], m
+        assert s[m, 16] > s[m, 1], m
