@@ -101,6 +101,13 @@ results = wb.compare(data, model, methods, shots, seeds, cache=cache, method_par
     ("code", """wb.report.fit_choices(out, methods=["tip_adapter", "tip_adapter_f", "gda"]).head(10)""", []),
 ]
 
+# The loading cell of the single-run tutorials (03, 04): backbone, dataset, feature cache.
+LOAD_CELL = ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
+data = wb.load_dataset(dataset)
+cache = wb.FeatureCache(model, out / "features")
+print(model)
+print(data.describe())""", [])
+
 PROMPT_TUNING = [
     ("md", """# 03 · Prompt tuning with CoOp
 
@@ -133,11 +140,7 @@ params = wb.notebook.check_parameters(globals(), "03_prompt_tuning.ipynb")  # un
 out = wb.resolve(output_dir)
 coop_params = dict(n_ctx=n_ctx, ctx_init=ctx_init, csc=csc, class_token_position=class_token_position,
                    epochs=epochs or None)""", []),
-    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
-data = wb.load_dataset(dataset)
-cache = wb.FeatureCache(model, out / "features")
-print(model)
-print(data.describe())""", []),
+    LOAD_CELL,
     ("md", "## Train CoOp and compare it with zero-shot on the same split", []),
     ("code", """zero_shot = wb.run_experiment(data, model, "zero_shot", shots, seed, cache=cache, split_dir=out / "splits", out_dir=out)
 coop = wb.run_experiment(data, model, "coop", shots, seed, cache=cache, method_params=coop_params,
@@ -188,11 +191,7 @@ output_dir: str = "outputs/lora"  # results, splits, cache and the saved model; 
 params = wb.notebook.check_parameters(globals(), "04_lora.ipynb")  # unknown name or bad value -> clear error
 out = wb.resolve(output_dir)
 lora = dict(r=r, alpha=alpha, dropout=dropout, encoder=encoder, params=lora_params, lr=lr, iterations=iterations or None)""", []),
-    ("code", """model = wb.load_backbone(backbone, pretrained, device=device)
-data = wb.load_dataset(dataset)
-cache = wb.FeatureCache(model, out / "features")
-print(model)
-print(data.describe())""", []),
+    LOAD_CELL,
     ("md", "## Train and compare with zero-shot", []),
     ("code", """zero_shot = wb.run_experiment(data, model, "zero_shot", shots, seed, cache=cache, split_dir=out / "splits", out_dir=out)
 run = wb.run_experiment(data, model, "clip_lora", shots, seed, cache=cache, method_params=lora,
