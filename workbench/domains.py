@@ -22,6 +22,7 @@ import yaml
 from .data.dataset import Dataset
 from .errors import ConfigError, DataError, did_you_mean
 from .paths import repo_root
+from .task_kinds import kind_names, task_kind
 
 TOP_KEYS = {
     "name": (str, True), "domain": (str, True), "task": (str, False), "source": (dict, True),
@@ -49,7 +50,6 @@ SOURCE_NUMBERS = {"test_fraction": ("fraction", 0.0, 1.0), "max_bad_fraction": (
 PROTOCOL_KEYS = {"template": str, "split_file": str, "selection": str, "reference": str}
 PROTOCOLS = ("default", "paper")
 GENERATORS = ("leaves", "shapes")
-TASKS = ("single-label", "multi-label")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 
 
@@ -76,9 +76,10 @@ def validate_spec(spec: Any, file: str = "<spec>") -> dict:
             continue
         if not isinstance(spec[key], typ):
             raise _err(file, key, typ.__name__, spec[key])
-    task = spec.get("task", "single-label")
-    if task not in TASKS:
-        raise _err(file, "task", f"one of {TASKS}", task)
+    try:
+        task_kind(spec.get("task", "single_label"))
+    except ConfigError:
+        raise _err(file, "task", f"one of {kind_names()}", spec.get("task")) from None
     metric = spec.get("metric", "accuracy")
     if metric not in METRICS:
         raise _err(file, "metric", f"one of {METRICS}", metric)
@@ -359,7 +360,7 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
     mapping = dict(zip(class_ids, names))
     meta = {"domain": spec["domain"], "templates": builtins.list(spec["templates"]),
             "metric": spec.get("metric", "accuracy")}
-    if spec.get("task", "single-label") != "single-label":
+    if task_kind(spec.get("task", "single_label")).name != "single_label":
         raise DataError(f"{spec['_file']}: task {spec['task']!r} is not supported yet; only single-label "
                         "classification is.")
     src.update(overrides)

@@ -19,6 +19,7 @@ import importlib
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError, did_you_mean
+from ..task_kinds import check_supported, task_kind
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class MethodEntry:
     trains: str
     reference: str
     cost: str
+    #: task kinds the method can be fitted on (see workbench.task_kinds)
+    tasks: tuple[str, ...] = ("single_label",)
 
 
 METHODS: tuple[MethodEntry, ...] = (
@@ -84,7 +87,8 @@ def register(name: str):
         _CLASSES[name] = cls
         if name not in _ENTRIES:  # a user's own method, defined outside the package
             doc = (cls.__doc__ or "").strip().splitlines()
-            _ENTRIES[name] = MethodEntry(name, cls.__module__, "user", "?", doc[0] if doc else "", "?")
+            kinds = tuple(task_kind(k).name for k in getattr(cls, "task_kinds", ("single_label",)))
+            _ENTRIES[name] = MethodEntry(name, cls.__module__, "user", "?", doc[0] if doc else "", "?", kinds)
         return cls
     return wrap
 
@@ -112,7 +116,21 @@ def available_methods(details: bool = False):
         return method_names()
     import pandas as pd
 
-    return pd.DataFrame([asdict(_ENTRIES[n]) for n in method_names()]).drop(columns="module").set_index("name")
+    rows = [{**asdict(_ENTRIES[n]), "tasks": ", ".join(_ENTRIES[n].tasks)} for n in method_names()]
+    return pd.DataFrame(rows).drop(columns="module").set_index("name")
+
+
+def methods_for_task(kind: str) -> list[str]:
+    """The registered methods that declare the task kind ``kind``."""
+    kind = task_kind(kind).name
+    return [n for n in method_names() if kind in _ENTRIES[n].tasks]
+
+
+def check_method_task(name: str, kind: str) -> None:
+    """A ``ConfigError`` when method ``name`` cannot be fitted on a ``kind`` task, listing those that can."""
+    if name not in _ENTRIES:
+        method_class(name)  # the unknown-method error, with its did-you-mean
+    check_supported(name, _ENTRIES[name].tasks, kind, methods_for_task(kind))
 
 
 def get_method(name: str, **params):
