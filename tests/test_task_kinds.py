@@ -13,7 +13,7 @@ def test_single_label_and_its_old_spelling_are_one_kind():
 
 
 def test_unknown_kind_is_a_config_error_with_a_suggestion():
-    with pytest.raises(ConfigError, match="unknown task kind 'single_lable'.*did you mean"):
+    with pytest.raises(ConfigError, match="unknown task kind 'single_lable'.*Did you mean"):
         task_kind("single_lable")
 
 
