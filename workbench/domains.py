@@ -49,7 +49,7 @@ SOURCE_NUMBERS = {"test_fraction": ("fraction", 0.0, 1.0), "max_bad_fraction": (
 #: how hyper-parameters are selected (``full_val``: on the whole validation split, as the papers do)
 PROTOCOL_KEYS = {"template": str, "split_file": str, "selection": str, "reference": str}
 PROTOCOLS = ("default", "paper")
-GENERATORS = ("leaves", "shapes")
+GENERATORS = ("leaves", "shapes", "scenes_xray_like", "scenes_aerial_like", "scenes_leaf_like")
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
 
 
@@ -380,6 +380,10 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
         generator = src.pop("generator")
         if generator == "leaves":
             ds = synthetic.synthetic_leaves(name=spec["name"], class_names=names, **src, **meta)
+        elif generator.startswith("scenes_"):
+            from .data.scenes import shifted_scenes
+
+            ds = shifted_scenes(generator[len("scenes_"):], name=spec["name"], class_names=names, **src, **meta)
         else:
             ds = synthetic.synthetic_shapes(shapes=class_ids, name=spec["name"], **src)
             ds.domain, ds.templates, ds.metric = meta["domain"], meta["templates"], meta["metric"]
