@@ -229,6 +229,89 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
+def to_encoder_input(pixels: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Pixels as the encoder takes them: first copied to ``device`` (from the DataLoader's pinned
+    buffer, asynchronously), then reordered to channels-last *on the device*.
+
+    The other order makes the reorder an unpinned CPU copy in the main thread, which also turns the
+    non-blocking host-to-device copy into a synchronous one (issue 27: ~33 ms per 64 images of
+    224 px, by the issue's reading; not measured here, no GPU).
+    """
+    pixels = pixels.to(device, non_blocking=True)
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return pixels
+
+
+def encoder_function(backbone, channels_last: bool = False, compile: bool = False):
+    """``pixels -> raw (unnormalised) float32 features`` on the backbone's device: the backbone's
+    encode, in channels-last and/or through ``torch.compile`` as asked. Holds the backbone only."""
+    if channels_last:
+        backbone.model.to(memory_format=torch.channels_last)  # the patch convolution's weights
+    device = backbone.device
+    if not compile:
+        def encode(pixels):
+            return backbone.encode_images(to_encoder_input(pixels, device, channels_last), normalize=False)
+    else:
+        compiled = torch.compile(backbone.model.encode_image)
+
+        def encode(pixels):
+            pixels = to_encoder_input(pixels, device, channels_last)
+            with torch.inference_mode(), backbone.autocast():
+                return compiled(pixels).float()
+    return encode
+
+
+def out_of_memory_fixes(precision: str) -> str:
+    """What to try after an out-of-memory error at one image, with the names ``load_backbone`` accepts."""
+    fixes = ["free GPU memory (other processes, a trained model still held)"]
+    if precision == "fp32":
+        fixes.append("load the backbone with precision='amp_fp16' or precision='amp_bf16' (mixed precision)")
+    fixes.append("load the backbone on another device (device='cuda:1', 'cpu')")
+    return "; ".join(fixes).capitalize() + "."
+
+
+class ChunkedEncoder:
+    """Encode a stack of pixels of any length in chunks of at most ``batch_size`` images, with the
+    features gathered on the CPU; a CUDA out-of-memory error halves the chunk and retries (down to
+    one image, then a :class:`BackboneError` naming the fixes), and the halved size is kept for
+    later calls. ``encode_batch_size`` is the chunk size that last ran, ``halvings`` the count.
+
+    :class:`FeatureCache` encodes through one; methods that encode images with their own adapted
+    model (CLIP-LoRA's validation for ``wise_alpha="val"``) use one too.
+    """
+
+    def __init__(self, encode, batch_size: int, device: torch.device, *, name: str = "encoder",
+                 precision: str = "fp32"):
+        self.encode, self.batch_size, self.device = encode, int(batch_size), torch.device(device)
+        self.name, self.precision = name, precision
+        self.chunk_limit: int | None = None
+        self.halvings = 0
+        self.encode_batch_size: int | None = None
+
+    def __call__(self, pixels: torch.Tensor, stacklevel: int = 2) -> torch.Tensor:
+        while True:
+            chunk = min(self.chunk_limit or self.batch_size, max(1, len(pixels)))
+            try:
+                out = torch.cat([self.encode(pixels[i:i + chunk]).cpu() for i in range(0, len(pixels), chunk)])
+                self.encode_batch_size = self.chunk_limit or self.batch_size
+                return out
+            except Exception as err:
+                if not _is_out_of_memory(err):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if chunk == 1:
+                    raise BackboneError(
+                        f"{self.name}: out of memory encoding a single image on {self.device} ({err}). "
+                        f"{out_of_memory_fixes(self.precision)}") from None
+                self.chunk_limit = max(1, chunk // 2)
+                self.halvings += 1
+                warnings.warn(f"{self.name}: out of memory at an encode batch of {chunk}; retrying at "
+                              f"{self.chunk_limit} (cache.encode_batch_size records what ran).",
+                              stacklevel=stacklevel)
+
+
 class FeatureCache:
     """Encode-once feature store for one backbone (see the module docstring).
 
@@ -260,8 +343,7 @@ class FeatureCache:
         device = getattr(backbone, "device", torch.device("cpu"))
         self.channels_last = device.type == "cuda" if channels_last == "auto" else bool(channels_last)
         self.compile = bool(compile)
-        self._encode_fn = None
-        self._chunk_limit: int | None = None  # set by an out-of-memory halving, kept for later batches
+        self._encode_fn: ChunkedEncoder | None = None  # built at the first encode; keeps a halved size
         self.stats = {"images_encoded": 0, "hits": 0, "misses": 0, "rebuilt": 0, "sliced": 0}
         #: the batch size the encoder last ran at (below ``batch_size`` after out-of-memory halvings)
         self.encode_batch_size: int | None = None
@@ -378,52 +460,27 @@ class FeatureCache:
         return out
 
     # -- encoding ---------------------------------------------------------------------------
-    def _encoder(self):
-        """``pixels -> raw features``: the backbone's encode, in channels-last and/or compiled as asked."""
-        if self._encode_fn is not None:
-            return self._encode_fn
-        backbone = self.backbone
-        if self.channels_last:
-            backbone.model.to(memory_format=torch.channels_last)  # the patch convolution's weights
-        if not self.compile:
-            def encode(pixels):
-                if self.channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                return backbone.encode_images(pixels, normalize=False)
-        else:
-            compiled = torch.compile(backbone.model.encode_image)
+    def _encoder(self) -> "ChunkedEncoder":
+        """The backbone's encode (channels-last and/or compiled as asked) behind the OOM halving.
 
-            def encode(pixels):
-                if self.channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), backbone.autocast():
-                    return compiled(pixels.to(backbone.device, non_blocking=True)).float()
-        self._encode_fn = encode
-        return encode
+        Built by a module-level function, so nothing it holds refers back to this cache: dropping
+        the cache and the backbone frees the model at once, without waiting for a garbage
+        collection (a sweep's parent releases its GPU this way before the workers start).
+        """
+        if self._encode_fn is None:
+            self._encode_fn = ChunkedEncoder(
+                encoder_function(self.backbone, self.channels_last, self.compile), self.batch_size,
+                self.backbone.device, name=self.backbone.name, precision=self.backbone.precision)
+        return self._encode_fn
 
     def _encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encode ``pixels``, halving the chunk size on an out-of-memory error (kept for later batches)."""
-        encode = self._encoder()
-        while True:
-            chunk = self._chunk_limit or len(pixels)
-            try:
-                out = torch.cat([encode(pixels[i:i + chunk]).cpu() for i in range(0, len(pixels), chunk)])
-                self.encode_batch_size = self._chunk_limit or self.batch_size
-                return out
-            except Exception as err:
-                if not _is_out_of_memory(err):
-                    raise
-                if self.backbone.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if chunk == 1:
-                    raise BackboneError(
-                        f"{self.backbone.name}: out of memory encoding a single image on {self.backbone.device} "
-                        f"({err}). Free GPU memory (other processes, a trained model still held), use "
-                        "precision='fp16' or 'bf16', or load the backbone on another device.") from None
-                self._chunk_limit = max(1, chunk // 2)
-                self.oom_halvings += 1
-                warnings.warn(f"{self.backbone.name}: out of memory at an encode batch of {chunk}; retrying at "
-                              f"{self._chunk_limit} (cache.encode_batch_size records what ran).", stacklevel=4)
+        encoder = self._encoder()
+        try:
+            return encoder(pixels, stacklevel=5)
+        finally:
+            self.encode_batch_size = encoder.encode_batch_size
+            self.oom_halvings = encoder.halvings
 
     def _encode(self, dataset, samples, transform, n_views, aug_seed, desc) -> Features:
         n = len(samples)
