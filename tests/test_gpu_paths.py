@@ -166,3 +166,76 @@ def test_bare_cuda_outside_torchrun_stays_bare(four_fake_gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert resolve_device("cuda") == torch.device("cuda")
+
+
+# -- augmented views stay on the CPU; the cache forgets them between sweep cells ------------------
+
+class _MoveSpy(torch.Tensor):
+    """Logs the shape of every tensor derived from it that is copied with ``to`` (the copy is plain)."""
+
+    moved: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if getattr(func, "__name__", "") == "to":
+            cls.moved.append(tuple(args[0].shape))
+            return out.as_subclass(torch.Tensor) if isinstance(out, torch.Tensor) else out
+        return out
+
+
+@pytest.mark.parametrize("name, params", [
+    ("coop", {"ctx_init": "a photo of a", "epochs": 2, "batch_size": 4, "lr": 0.05, "warmup_epochs": 0}),
+    ("kgcoop", {"ctx_init": "a photo of a", "epochs": 2, "batch_size": 4, "lr": 0.05, "warmup_epochs": 0}),
+    ("cocoop", {"epochs": 2, "batch_size": 4, "warmup_epochs": 0}),
+])
+def test_prompt_learners_move_one_batch_of_views_at_a_time(name, params, backbone, shapes, monkeypatch):
+    from workbench.data import sample_few_shot
+    from workbench.features import Features
+    from workbench.task import FewShotTask
+
+    def task():
+        return FewShotTask(shapes, sample_few_shot(shapes, 3, 1), backbone,
+                           wb.FeatureCache(backbone, None, show_progress=False), templates=["a photo of a {}."])
+
+    plain = wb.get_method(name, **params).fit(task())
+    spied = task()
+    real_support = spied.support
+
+    def support(*args, **kwargs):
+        feats = real_support(*args, **kwargs)
+        return Features(raw=feats.raw.as_subclass(_MoveSpy), labels=feats.labels, ids=feats.ids,
+                        skipped=feats.skipped, key=feats.key)
+
+    monkeypatch.setattr(spied, "support", support)
+    _MoveSpy.moved = []
+    method = wb.get_method(name, **params).fit(spied)
+    assert _MoveSpy.moved, "no view reached the device"
+    # every copy to the device is one batch of features, never the [views, N, D] stack
+    assert all(len(shape) == 2 and shape[0] <= params["batch_size"] for shape in _MoveSpy.moved), _MoveSpy.moved
+    assert len(_MoveSpy.moved) == method.fit_info["steps"]
+    state, reference = method.state(), plain.state()                  # where the views live changes nothing
+    assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in state)
+
+
+def test_clear_views_forgets_augmented_views_and_keeps_eval_features(backbone, shapes, tmp_path):
+    ids = shapes.split("train")[:6]
+    cache = wb.FeatureCache(backbone, None, num_workers=0, show_progress=False)
+    views = cache.get(shapes, ids, views=2, aug_seed=1)
+    cache.get(shapes, ids)                                        # eval features
+    cache.pool(shapes, shapes.split("test")[:4])
+    assert cache.get(shapes, ids, views=2, aug_seed=1) is views   # held in memory
+    encoded = cache.stats["images_encoded"]
+    assert cache.clear_views() == 1
+    assert cache.clear_views() == 0
+    again = cache.get(shapes, ids, views=2, aug_seed=1)           # no disk folder: encoded afresh ...
+    assert again is not views and torch.equal(again.raw, views.raw)
+    assert cache.stats["images_encoded"] == encoded + 12
+    cache.get(shapes, ids)                                        # ... while eval features and pools stay
+    cache.get(shapes, shapes.split("test")[:2])
+    assert cache.stats["images_encoded"] == encoded + 12
+    on_disk = wb.FeatureCache(backbone, tmp_path, num_workers=0, show_progress=False)
+    first = on_disk.get(shapes, ids, views=2, aug_seed=1)
+    on_disk.clear_views()
+    assert torch.equal(on_disk.get(shapes, ids, views=2, aug_seed=1).raw, first.raw)  # read back from disk
+    assert on_disk.stats["images_encoded"] == 12

@@ -351,6 +351,7 @@ class FeatureCache:
         #: cache files that could not be written (full disk, read-only folder); their features stay in memory
         self.write_failures: list[str] = []
         self._memory: dict[str, Features] = {}
+        self._view_keys: set[str] = set()  # the in-memory entries that hold augmented views (clear_views)
         self._pools: dict[str, tuple[Features, dict, dict, dict]] = {}
 
     # -- keys -------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ class FeatureCache:
             feats = self._load(path, key)
             if feats is not None:
                 self.stats["hits"] += 1
-                self._memory[key] = feats
+                self._remember(key, feats, views)
                 return feats
         self.stats["misses"] += 1
         if views == 0:
@@ -422,12 +423,31 @@ class FeatureCache:
                                   "keeping the features in memory for this session only (later failures of this "
                                   "cache are listed in cache.write_failures). Free disk space or choose another "
                                   "cache folder to keep them across sessions.", stacklevel=2)
-        self._memory[key] = feats
+        self._remember(key, feats, views)
         return feats
 
+    def _remember(self, key: str, feats: Features, views: int) -> None:
+        self._memory[key] = feats
+        if views:
+            self._view_keys.add(key)
+
     def clear_memory(self) -> None:
+        """Forget every in-memory entry and pool (files on disk stay)."""
         self._memory.clear()
         self._pools.clear()
+        self._view_keys.clear()
+
+    def clear_views(self) -> int:
+        """Forget the in-memory augmented views (``views > 0``), keeping eval features and pools; returns
+        how many entries were dropped. Views are per support set, so a sweep's next cell (another K,
+        seed or method) rarely reuses them, and held across cells they add up (CoOp's 200 views of a
+        16-shot ImageNet support set are ~6.5 GB); a later request loads them from disk or re-encodes.
+        The sweep calls it between cells."""
+        keys = [k for k, f in self._memory.items() if k in self._view_keys]
+        for k in keys:
+            del self._memory[k]
+        self._view_keys.clear()
+        return len(keys)
 
     def pool(self, dataset: Dataset, samples: Sequence[Sample] | None = None) -> Features:
         """Encode (or load) every image of every split once; later eval-transform requests on this
