@@ -239,3 +239,45 @@ def test_clear_views_forgets_augmented_views_and_keeps_eval_features(backbone, s
     on_disk.clear_views()
     assert torch.equal(on_disk.get(shapes, ids, views=2, aug_seed=1).raw, first.raw)  # read back from disk
     assert on_disk.stats["images_encoded"] == 12
+
+
+# -- CLIP-LoRA's validation encode (wise_alpha="val") is chunked and out-of-memory safe -----------
+
+def test_clip_lora_wise_val_encodes_the_validation_images_in_chunks_that_survive_out_of_memory(backbone, shapes,
+                                                                                                monkeypatch):
+    from workbench.data import sample_few_shot
+    from workbench.methods.weights.clip_lora import CLIPLoRA
+    from workbench.task import FewShotTask
+
+    params = {"iterations": 2, "batch_size": 4, "lr": 5e-3, "templates": ["a photo of a {}."], "wise_alpha": "val"}
+    split = sample_few_shot(shapes, 2, 1)                      # 4 classes: 8 support, 8 validation images
+
+    def fit(limit):
+        seen = []
+        real_build = CLIPLoRA._build
+
+        def build(self, backbone, cfg=None):
+            model, names = real_build(self, backbone, cfg)
+            encode = model.encode_image
+
+            def small_gpu(pixels, *args, **kwargs):          # a GPU that holds at most `limit` images
+                seen.append(len(pixels))
+                if len(pixels) > limit:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return encode(pixels, *args, **kwargs)
+
+            model.encode_image = small_gpu
+            return model, names
+
+        monkeypatch.setattr(CLIPLoRA, "_build", build)
+        cache = wb.FeatureCache(backbone, None, batch_size=6, show_progress=False)
+        task = FewShotTask(shapes, split, backbone, cache, templates=["a photo of a {}."])
+        return wb.get_method("clip_lora", **params).fit(task), seen
+
+    roomy, seen = fit(limit=100)
+    assert max(seen) == 6 and 8 not in seen                   # chunks of the cache's batch size, never all 8
+    with pytest.warns(UserWarning, match="out of memory at an encode batch of 6; retrying at 3"):
+        tight, seen = fit(limit=4)
+    assert max(seen[seen.index(3):]) <= 4                     # after the halving, every chunk fits
+    wise = tight.fit_info["wise_ft"]
+    assert wise["chosen_on"] == "val" and wise == roomy.fit_info["wise_ft"]

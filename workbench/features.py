@@ -308,7 +308,7 @@ class ChunkedEncoder:
                 self.chunk_limit = max(1, chunk // 2)
                 self.halvings += 1
                 warnings.warn(f"{self.name}: out of memory at an encode batch of {chunk}; retrying at "
-                              f"{self.chunk_limit} (cache.encode_batch_size records what ran).",
+                              f"{self.chunk_limit}, kept for the later batches (a FeatureCache records it in encode_batch_size).",
                               stacklevel=stacklevel)
 
 
