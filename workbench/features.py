@@ -9,7 +9,12 @@ Content is checked cheaply on every request: an image file by its size and modif
 (nanoseconds) — one ``stat`` per file, no reading, so a 10k-image test split costs ~10 ms per
 request — and in-memory sources by a hash of their bytes (arrays of a ``.npz``, computed once per
 array object) or by their own fingerprint (a Hub ``datasets`` table). Replacing an image by another
-of the same name therefore re-encodes it.
+of the same name therefore re-encodes it — unless the new file has the same size and its
+modification time was set back to the old one: ``FeatureCache(..., verify="hash")`` checks image
+files by a SHA-256 of their bytes instead, hashed while each file is read for decoding (one read on
+a miss), and serves an entry only after re-reading and hashing every file (one read per file and
+request, no decode). ``"stat"`` stays the default: it costs no reading at all, and the files it
+cannot tell apart are ones someone deliberately disguised.
 
 A cache write that fails (full disk, read-only folder) loses nothing: the features are kept in
 memory for this process and a warning names the path.
@@ -31,8 +36,8 @@ Input pipeline. Decoding and preprocessing run in DataLoader worker processes
 encoder itself runs on the CPU, for encodes of fewer than two batches, or inside a daemonic sweep
 worker, which may not start children), with pinned
 memory and non-blocking copies on CUDA, so the encoder is not left waiting on the JPEG decoder.
-On CUDA the pixels go in ``channels_last`` (``channels_last="auto"``) and ``compile=True``
-encodes through ``torch.compile``. A CUDA out-of-memory error halves the encode batch and
+On CUDA the pixels go in ``channels_last`` (``channels_last="auto"``; reordered on the device,
+after the pinned, non-blocking copy) and ``compile=True`` encodes through ``torch.compile``. A CUDA out-of-memory error halves the encode batch and
 retries (down to one image; then a clear error): ``encode_batch_size`` records what ran.
 """
 from __future__ import annotations
