@@ -70,8 +70,9 @@ def test_pixels_are_copied_non_blocking_from_the_loader_buffer_then_reordered_on
 
     monkeypatch.setattr(features_module, "DataLoader", loader)
     _Spy.log = []
-    feats = cache.get(shapes, shapes.split("test")[:6])
-    reference = wb.FeatureCache(backbone, None, num_workers=0, show_progress=False).get(shapes, shapes.split("test")[:6])
+    ids = shapes.split("test")[:6]
+    feats = cache.get(shapes, ids)
+    reference = wb.FeatureCache(backbone, None, num_workers=0, show_progress=False).get(shapes, ids)
     assert torch.allclose(feats.raw, reference.raw, atol=1e-5)
     # the batch the loader yields (pinned on CUDA) goes to the device first, non-blocking, untouched ...
     assert _Spy.log[0] == ("to", True, None), _Spy.log

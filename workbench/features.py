@@ -37,7 +37,8 @@ encoder itself runs on the CPU, for encodes of fewer than two batches, or inside
 worker, which may not start children), with pinned
 memory and non-blocking copies on CUDA, so the encoder is not left waiting on the JPEG decoder.
 On CUDA the pixels go in ``channels_last`` (``channels_last="auto"``; reordered on the device,
-after the pinned, non-blocking copy) and ``compile=True`` encodes through ``torch.compile``. A CUDA out-of-memory error halves the encode batch and
+after the pinned, non-blocking copy) and ``compile=True`` encodes through ``torch.compile``.
+A CUDA out-of-memory error halves the encode batch and
 retries (down to one image; then a clear error): ``encode_batch_size`` records what ran.
 """
 from __future__ import annotations
@@ -358,8 +359,8 @@ class ChunkedEncoder:
                 self.chunk_limit = max(1, chunk // 2)
                 self.halvings += 1
                 warnings.warn(f"{self.name}: out of memory at an encode batch of {chunk}; retrying at "
-                              f"{self.chunk_limit}, kept for the later batches (a FeatureCache records it in encode_batch_size).",
-                              stacklevel=stacklevel)
+                              f"{self.chunk_limit}, kept for the later batches (a FeatureCache records it in "
+                              "encode_batch_size).", stacklevel=stacklevel)
 
 
 class FeatureCache:
