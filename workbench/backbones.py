@@ -54,9 +54,14 @@ def register_model_configs() -> None:
 # -- device and precision ---------------------------------------------------------------------
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → CUDA if present (``cuda:LOCAL_RANK`` under torchrun), else Apple MPS, else CPU."""
+    """``auto`` → CUDA if present (``cuda:LOCAL_RANK`` under torchrun), else Apple MPS, else CPU.
+
+    Under torchrun a bare ``cuda`` (no index) is also ``cuda:LOCAL_RANK``: every process's own GPU,
+    as the training loop requires — resolved here, before any image is encoded, rather than failing
+    in the first training step. An explicit index (``cuda:1``) is kept as given.
+    """
     if isinstance(device, torch.device):
-        return device
+        return _own_gpu(device)
     if device in (None, "", "auto"):
         if torch.cuda.is_available():
             from .distributed import default_cuda_device  # one GPU per torchrun process
@@ -73,7 +78,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise BackboneError(f"device {device!r} asked for, but CUDA is not available here. Use device='auto' or 'cpu'.")
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise BackboneError(f"device {device!r} asked for, but MPS is not available here. Use device='auto' or 'cpu'.")
-    return dev
+    return _own_gpu(dev)
+
+
+def _own_gpu(dev: torch.device) -> torch.device:
+    """A bare ``cuda`` under torchrun is this process's ``cuda:LOCAL_RANK``; anything else unchanged."""
+    if dev.type != "cuda" or dev.index is not None:
+        return dev
+    from .distributed import default_cuda_device, torchrun_env
+
+    return default_cuda_device() if torchrun_env() is not None else dev
 
 
 PRECISIONS = ("fp32", "amp_fp16", "amp_bf16")

@@ -9,7 +9,12 @@ Content is checked cheaply on every request: an image file by its size and modif
 (nanoseconds) — one ``stat`` per file, no reading, so a 10k-image test split costs ~10 ms per
 request — and in-memory sources by a hash of their bytes (arrays of a ``.npz``, computed once per
 array object) or by their own fingerprint (a Hub ``datasets`` table). Replacing an image by another
-of the same name therefore re-encodes it.
+of the same name therefore re-encodes it — unless the new file has the same size and its
+modification time was set back to the old one: ``FeatureCache(..., verify="hash")`` checks image
+files by a SHA-256 of their bytes instead, hashed while each file is read for decoding (one read on
+a miss), and serves an entry only after re-reading and hashing every file (one read per file and
+request, no decode). ``"stat"`` stays the default: it costs no reading at all, and the files it
+cannot tell apart are ones someone deliberately disguised.
 
 A cache write that fails (full disk, read-only folder) loses nothing: the features are kept in
 memory for this process and a warning names the path.
@@ -31,8 +36,9 @@ Input pipeline. Decoding and preprocessing run in DataLoader worker processes
 encoder itself runs on the CPU, for encodes of fewer than two batches, or inside a daemonic sweep
 worker, which may not start children), with pinned
 memory and non-blocking copies on CUDA, so the encoder is not left waiting on the JPEG decoder.
-On CUDA the pixels go in ``channels_last`` (``channels_last="auto"``) and ``compile=True``
-encodes through ``torch.compile``. A CUDA out-of-memory error halves the encode batch and
+On CUDA the pixels go in ``channels_last`` (``channels_last="auto"``; reordered on the device,
+after the pinned, non-blocking copy) and ``compile=True`` encodes through ``torch.compile``.
+A CUDA out-of-memory error halves the encode batch and
 retries (down to one image; then a clear error): ``encode_batch_size`` records what ran.
 """
 from __future__ import annotations
@@ -52,7 +58,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from .data.dataset import Dataset, Sample
+from .data.dataset import Dataset, Reader, Sample
 from .data.images import UnreadableImage
 from .errors import BackboneError, ConfigError
 from .progress import progress
@@ -119,6 +125,30 @@ def ref_token(ref) -> str:
     return ""
 
 
+#: ``verify=`` modes of :class:`FeatureCache`: how an image file's content is checked
+VERIFY_MODES = ("stat", "hash")
+#: the token of a file in a ``verify="hash"`` entry's key: its bytes are checked against the entry instead
+_HASHED_FILE = "file:hash-verified"
+
+
+def _is_file_ref(ref) -> bool:
+    return isinstance(ref, (str, os.PathLike))
+
+
+def file_digest(data: bytes) -> str:
+    """The content token of a file's bytes in ``verify="hash"`` mode."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()[:24]
+
+
+def read_digest(ref) -> str:
+    """:func:`file_digest` of the file at ``ref`` (one read), or ``"missing"``."""
+    try:
+        with open(ref, "rb") as f:
+            return file_digest(f.read())
+    except OSError:
+        return "missing"
+
+
 def content_signature(dataset, samples: Sequence[Sample]) -> str:
     """Hash of the content of ``samples`` as they would be read now (see the module docstring)."""
     return _content_hash(reader_token(dataset.reader), [ref_token(s.ref) for s in samples])
@@ -162,15 +192,22 @@ class Features:
 
 
 class _ImageSet(TorchDataset):
-    """Yields (view, position, pixels) or (view, position, reason) for unreadable images."""
+    """Yields (view, position, pixels, digest) or (view, position, reason, digest) for unreadable images.
+
+    ``hash_files``: the first view of each image file also yields :func:`file_digest` of its bytes,
+    read once: a plain :class:`~workbench.data.dataset.Reader` then decodes those same bytes (a
+    custom reader opens the file itself, a second read). ``digest`` is None otherwise.
+    """
 
     def __init__(self, dataset: Dataset, samples: Sequence[Sample], transform, n_views: int,
-                 aug_seed: int | str | None):
+                 aug_seed: int | str | None, hash_files: bool = False):
         self.reader = dataset.reader
         self.samples = list(samples)
         self.transform = transform
         self.n_views = n_views
         self.aug_seed = aug_seed
+        self.hash_files = hash_files
+        self._decodes_bytes = type(self.reader).__call__ is Reader.__call__
 
     def __len__(self):
         return len(self.samples) * self.n_views
@@ -178,24 +215,38 @@ class _ImageSet(TorchDataset):
     def __getitem__(self, index):
         view, pos = divmod(index, len(self.samples))
         sample = self.samples[pos]
+        ref, digest = sample.ref, None
+        if self.hash_files and view == 0 and _is_file_ref(ref):
+            try:
+                with open(ref, "rb") as f:
+                    data = f.read()
+            except OSError:
+                digest = "missing"  # the reader says why, below
+            else:
+                digest = file_digest(data)
+                if self._decodes_bytes:
+                    ref = data
         try:
-            image = self.reader(sample.ref)
+            image = self.reader(ref)
         except UnreadableImage as err:
-            return view, pos, str(err)
+            return view, pos, str(err), digest
         except Exception as err:  # a reader of a third-party source failing in an unexpected way
-            return view, pos, f"{type(err).__name__}: {err}"
+            return view, pos, f"{type(err).__name__}: {err}", digest
         if self.aug_seed is None:
-            return view, pos, self.transform(image)
+            return view, pos, self.transform(image), digest
         # One seed per (view, image): identical crops whatever the batch size or worker count.
         seed = int(hashlib.sha256(f"{self.aug_seed}/{view}/{sample.id}".encode()).hexdigest()[:15], 16)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return view, pos, self.transform(image)
+            return view, pos, self.transform(image), digest
 
 
 def _collate(batch):
-    good = [(v, p, x) for v, p, x in batch if isinstance(x, torch.Tensor)]
-    bad = [(v, p, x) for v, p, x in batch if not isinstance(x, torch.Tensor)]
+    """``(views, positions, pixels, bad, digests)``: ``bad`` as (view, position, reason), ``digests``
+    as (position, digest) for the items that carry one."""
+    good = [(v, p, x) for v, p, x, _ in batch if isinstance(x, torch.Tensor)]
+    bad = [(v, p, x) for v, p, x, _ in batch if not isinstance(x, torch.Tensor)]
+    digests = [(p, d) for _, p, _, d in batch if d is not None]
     if good:
         views = torch.tensor([v for v, _, _ in good])
         pos = torch.tensor([p for _, p, _ in good])
@@ -203,7 +254,7 @@ def _collate(batch):
     else:
         views = pos = torch.zeros(0, dtype=torch.long)
         pixels = None
-    return views, pos, pixels, bad
+    return views, pos, pixels, bad, digests
 
 
 #: most DataLoader workers ``num_workers="auto"`` starts (decoding rarely needs more to feed one GPU)
@@ -229,6 +280,89 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, oom) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
 
 
+def to_encoder_input(pixels: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Pixels as the encoder takes them: first copied to ``device`` (from the DataLoader's pinned
+    buffer, asynchronously), then reordered to channels-last *on the device*.
+
+    The other order makes the reorder an unpinned CPU copy in the main thread, which also turns the
+    non-blocking host-to-device copy into a synchronous one (issue 27: ~33 ms per 64 images of
+    224 px, by the issue's reading; not measured here, no GPU).
+    """
+    pixels = pixels.to(device, non_blocking=True)
+    if channels_last:
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return pixels
+
+
+def encoder_function(backbone, channels_last: bool = False, compile: bool = False):
+    """``pixels -> raw (unnormalised) float32 features`` on the backbone's device: the backbone's
+    encode, in channels-last and/or through ``torch.compile`` as asked. Holds the backbone only."""
+    if channels_last:
+        backbone.model.to(memory_format=torch.channels_last)  # the patch convolution's weights
+    device = backbone.device
+    if not compile:
+        def encode(pixels):
+            return backbone.encode_images(to_encoder_input(pixels, device, channels_last), normalize=False)
+    else:
+        compiled = torch.compile(backbone.model.encode_image)
+
+        def encode(pixels):
+            pixels = to_encoder_input(pixels, device, channels_last)
+            with torch.inference_mode(), backbone.autocast():
+                return compiled(pixels).float()
+    return encode
+
+
+def out_of_memory_fixes(precision: str) -> str:
+    """What to try after an out-of-memory error at one image, with the names ``load_backbone`` accepts."""
+    fixes = ["free GPU memory (other processes, a trained model still held)"]
+    if precision == "fp32":
+        fixes.append("load the backbone with precision='amp_fp16' or precision='amp_bf16' (mixed precision)")
+    fixes.append("load the backbone on another device (device='cuda:1', 'cpu')")
+    return "; ".join(fixes).capitalize() + "."
+
+
+class ChunkedEncoder:
+    """Encode a stack of pixels of any length in chunks of at most ``batch_size`` images, with the
+    features gathered on the CPU; a CUDA out-of-memory error halves the chunk and retries (down to
+    one image, then a :class:`BackboneError` naming the fixes), and the halved size is kept for
+    later calls. ``encode_batch_size`` is the chunk size that last ran, ``halvings`` the count.
+
+    :class:`FeatureCache` encodes through one; methods that encode images with their own adapted
+    model (CLIP-LoRA's validation for ``wise_alpha="val"``) use one too.
+    """
+
+    def __init__(self, encode, batch_size: int, device: torch.device, *, name: str = "encoder",
+                 precision: str = "fp32"):
+        self.encode, self.batch_size, self.device = encode, int(batch_size), torch.device(device)
+        self.name, self.precision = name, precision
+        self.chunk_limit: int | None = None
+        self.halvings = 0
+        self.encode_batch_size: int | None = None
+
+    def __call__(self, pixels: torch.Tensor, stacklevel: int = 2) -> torch.Tensor:
+        while True:
+            chunk = min(self.chunk_limit or self.batch_size, max(1, len(pixels)))
+            try:
+                out = torch.cat([self.encode(pixels[i:i + chunk]).cpu() for i in range(0, len(pixels), chunk)])
+                self.encode_batch_size = self.chunk_limit or self.batch_size
+                return out
+            except Exception as err:
+                if not _is_out_of_memory(err):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if chunk == 1:
+                    raise BackboneError(
+                        f"{self.name}: out of memory encoding a single image on {self.device} ({err}). "
+                        f"{out_of_memory_fixes(self.precision)}") from None
+                self.chunk_limit = max(1, chunk // 2)
+                self.halvings += 1
+                warnings.warn(f"{self.name}: out of memory at an encode batch of {chunk}; retrying at "
+                              f"{self.chunk_limit}, kept for the later batches (a FeatureCache records it in "
+                              "encode_batch_size).", stacklevel=stacklevel)
+
+
 class FeatureCache:
     """Encode-once feature store for one backbone (see the module docstring).
 
@@ -239,11 +373,22 @@ class FeatureCache:
     ``num_workers``: DataLoader worker processes that decode and preprocess, or ``"auto"``.
     ``channels_last``: pixels (and the patch convolution) in channels-last memory format;
     ``"auto"`` = on CUDA only. ``compile``: encode through ``torch.compile(model.encode_image)``.
+
+    ``verify``: how an image *file* is known to be unchanged since its features were computed.
+    ``"stat"`` (the default): by its size and modification time, one ``stat`` per file and request,
+    no reading. ``"hash"``: by a SHA-256 of its bytes, taken while the file is read for decoding (no
+    second read on a miss); a cached entry is served only after every file is read again and its
+    hash matches (a read, no decode, per file and request), so an image replaced by another of the
+    same size with its modification time restored is re-encoded. In-memory sources (arrays, Hub
+    tables, bytes) are keyed by their content in both modes.
     """
 
     def __init__(self, backbone, root: str | os.PathLike | None = None, batch_size: int = 64,
                  num_workers: int | str = "auto", show_progress: bool = True, *,
-                 channels_last: bool | str = "auto", compile: bool = False):
+                 channels_last: bool | str = "auto", compile: bool = False, verify: str = "stat"):
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"FeatureCache: verify must be 'stat' (size + modification time, the default) or 'hash' "
+                              f"(a hash of each file's bytes), got {verify!r}.")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"FeatureCache: batch_size must be a positive integer, got {batch_size!r}.")
         if num_workers != "auto" and (isinstance(num_workers, bool) or not isinstance(num_workers, int)
@@ -260,16 +405,20 @@ class FeatureCache:
         device = getattr(backbone, "device", torch.device("cpu"))
         self.channels_last = device.type == "cuda" if channels_last == "auto" else bool(channels_last)
         self.compile = bool(compile)
-        self._encode_fn = None
-        self._chunk_limit: int | None = None  # set by an out-of-memory halving, kept for later batches
+        self.verify = verify
+        self._encode_fn: ChunkedEncoder | None = None  # built at the first encode; keeps a halved size
         self.stats = {"images_encoded": 0, "hits": 0, "misses": 0, "rebuilt": 0, "sliced": 0}
+        #: verify="hash": entries found but refused (re-encoded) because a file's bytes had changed
+        self.changed = 0
         #: the batch size the encoder last ran at (below ``batch_size`` after out-of-memory halvings)
         self.encode_batch_size: int | None = None
         self.oom_halvings = 0
         #: cache files that could not be written (full disk, read-only folder); their features stay in memory
         self.write_failures: list[str] = []
         self._memory: dict[str, Features] = {}
+        self._view_keys: set[str] = set()  # the in-memory entries that hold augmented views (clear_views)
         self._pools: dict[str, tuple[Features, dict, dict, dict]] = {}
+        self._tokens: dict[str, list[str]] = {}  # verify="hash": each in-memory entry's per-sample content
 
     # -- keys -------------------------------------------------------------------------------
     def key(self, dataset: Dataset, ids: Sequence[str], views: int, aug_seed: int | None,
@@ -277,7 +426,10 @@ class FeatureCache:
         """The entry's key; ``content`` is :func:`content_signature` of the samples (computed if not given)."""
         ids = [i if isinstance(i, str) else i.id for i in ids]
         if content is None:
-            content = content_signature(dataset, dataset.samples(ids))
+            samples = dataset.samples(ids)
+            content = (_content_hash(reader_token(dataset.reader), self._address_tokens(samples))
+                       if self.verify == "hash" and any(_is_file_ref(s.ref) for s in samples)
+                       else content_signature(dataset, samples))
         payload = {
             "format": CACHE_FORMAT,
             "backbone": self.backbone.provenance_id,
@@ -305,34 +457,57 @@ class FeatureCache:
         ids = [s.id for s in samples]
         aug = None if views == 0 else {"scale": list(aug_scale), "flip": flip}
         reader = reader_token(dataset.reader)
-        tokens = [ref_token(s.ref) for s in samples]  # one stat per file: cheap, and catches replaced images
-        content = _content_hash(reader, tokens)
+        # "stat": one stat per file (cheap, catches replaced images); "hash": files are read only when
+        # an entry exists to check them against (on a miss they are hashed while being decoded).
+        # In-memory sources are keyed by their content in both modes: nothing to verify.
+        hashed = self.verify == "hash" and any(_is_file_ref(s.ref) for s in samples)
+        tokens = None if hashed else [ref_token(s.ref) for s in samples]
+        content = _content_hash(reader, self._address_tokens(samples) if hashed else tokens)
         key = self.key(dataset, ids, views, aug_seed if views else None, aug, content=content)
+
+        def current():  # verify="hash": the files' content now (one read each, no decode)
+            nonlocal tokens
+            if tokens is None:
+                tokens = [read_digest(s.ref) if _is_file_ref(s.ref) else ref_token(s.ref) for s in samples]
+            return tokens
+
+        changed = False  # verify="hash": an entry was found but a file's bytes differ from it
         if key in self._memory:
-            self.stats["hits"] += 1
-            return self._memory[key]
+            if not hashed or self._tokens.get(key) == current():
+                self.stats["hits"] += 1
+                return self._memory[key]
+            changed = True
+            self._forget(key)
         if views == 0 and dataset.fingerprint() in self._pools:
-            sliced = self._slice(dataset.fingerprint(), ids, key, reader, tokens)
+            sliced = self._slice(dataset.fingerprint(), ids, key, reader, current() if hashed else tokens)
             if sliced is not None:
                 self.stats["sliced"] += 1
                 return sliced
         path = self._path(key)
         if path is not None and path.exists():
-            feats = self._load(path, key)
+            feats, written = self._load(path, key)
+            if feats is not None and hashed and written != _content_hash(reader, current()):
+                changed = True
+                feats = None  # a file's bytes changed since the entry was written: encode afresh (overwrites it)
             if feats is not None:
                 self.stats["hits"] += 1
-                self._memory[key] = feats
+                self._remember(key, feats, views, tokens)
                 return feats
         self.stats["misses"] += 1
+        self.changed += changed
         if views == 0:
             transform, n_views, seed = self.backbone.preprocess, 1, None
         else:
             transform, n_views, seed = self.backbone.augment_transform(aug_scale, flip), views, aug_seed
-        feats = self._encode(dataset, samples, transform, n_views, seed, desc or f"encode {dataset.name}")
+        feats, digests = self._encode(dataset, samples, transform, n_views, seed,
+                                      desc or f"encode {dataset.name}", hash_files=hashed)
         feats.key = key
+        if hashed:  # what was decoded, hashed from the same bytes
+            tokens = [digests.get(n, "missing") if _is_file_ref(smp.ref) else ref_token(smp.ref)
+                      for n, smp in enumerate(samples)]
         if path is not None:
             try:
-                self._save(path, key, feats)
+                self._save(path, key, feats, content=_content_hash(reader, tokens) if hashed else None)
             except OSError as err:  # full disk, read-only folder: keep the computed features, say where
                 self.write_failures.append(str(path))
                 if len(self.write_failures) == 1:
@@ -340,12 +515,42 @@ class FeatureCache:
                                   "keeping the features in memory for this session only (later failures of this "
                                   "cache are listed in cache.write_failures). Free disk space or choose another "
                                   "cache folder to keep them across sessions.", stacklevel=2)
-        self._memory[key] = feats
+        self._remember(key, feats, views, tokens)
         return feats
 
+    def _address_tokens(self, samples: Sequence[Sample]) -> list[str]:
+        """verify="hash": the key leaves the files' content out (it is checked against the entry)."""
+        return [_HASHED_FILE if _is_file_ref(s.ref) else ref_token(s.ref) for s in samples]
+
+    def _forget(self, key: str) -> None:
+        self._memory.pop(key, None)
+        self._view_keys.discard(key)
+        self._tokens.pop(key, None)
+
+    def _remember(self, key: str, feats: Features, views: int, tokens: list[str] | None = None) -> None:
+        self._memory[key] = feats
+        if views:
+            self._view_keys.add(key)
+        if self.verify == "hash":
+            self._tokens[key] = list(tokens)
+
     def clear_memory(self) -> None:
+        """Forget every in-memory entry and pool (files on disk stay)."""
         self._memory.clear()
         self._pools.clear()
+        self._view_keys.clear()
+        self._tokens.clear()
+
+    def clear_views(self) -> int:
+        """Forget the in-memory augmented views (``views > 0``), keeping eval features and pools; returns
+        how many entries were dropped. Views are per support set, so a sweep's next cell (another K,
+        seed or method) rarely reuses them, and held across cells they add up (CoOp's 200 views of a
+        16-shot ImageNet support set are ~6.5 GB); a later request loads them from disk or re-encodes.
+        The sweep calls it between cells."""
+        keys = [k for k in self._memory if k in self._view_keys]
+        for k in keys:
+            self._forget(k)
+        return len(keys)
 
     def pool(self, dataset: Dataset, samples: Sequence[Sample] | None = None) -> Features:
         """Encode (or load) every image of every split once; later eval-transform requests on this
@@ -359,7 +564,10 @@ class FeatureCache:
         samples = [s for split in sorted(dataset.splits) for s in dataset.splits[split]] if samples is None \
             else list(samples)
         feats = self.get(dataset, samples, desc=f"encode {dataset.name} (pool)")
-        content = {"reader": reader_token(dataset.reader), "refs": {s.id: ref_token(s.ref) for s in samples}}
+        tokens = self._tokens.get(feats.key) if self.verify == "hash" else None
+        refs = dict(zip((s.id for s in samples), tokens)) if tokens is not None else \
+            {s.id: ref_token(s.ref) for s in samples}
+        content = {"reader": reader_token(dataset.reader), "refs": refs}
         self._pools[fp] = (feats, {i: n for n, i in enumerate(feats.ids)}, {d["id"]: d for d in feats.skipped},
                            content)
         return feats
@@ -374,65 +582,44 @@ class FeatureCache:
         rows = [index[i] for i in ids if i in index]
         out = Features(raw=feats.raw[:, rows], labels=feats.labels[rows], ids=[i for i in ids if i in index],
                        skipped=[skipped[i] for i in ids if i in skipped], key=key)
-        self._memory[key] = out
+        self._remember(key, out, 0, tokens)
         return out
 
     # -- encoding ---------------------------------------------------------------------------
-    def _encoder(self):
-        """``pixels -> raw features``: the backbone's encode, in channels-last and/or compiled as asked."""
-        if self._encode_fn is not None:
-            return self._encode_fn
-        backbone = self.backbone
-        if self.channels_last:
-            backbone.model.to(memory_format=torch.channels_last)  # the patch convolution's weights
-        if not self.compile:
-            def encode(pixels):
-                if self.channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                return backbone.encode_images(pixels, normalize=False)
-        else:
-            compiled = torch.compile(backbone.model.encode_image)
+    def _encoder(self) -> "ChunkedEncoder":
+        """The backbone's encode (channels-last and/or compiled as asked) behind the OOM halving.
 
-            def encode(pixels):
-                if self.channels_last:
-                    pixels = pixels.contiguous(memory_format=torch.channels_last)
-                with torch.inference_mode(), backbone.autocast():
-                    return compiled(pixels.to(backbone.device, non_blocking=True)).float()
-        self._encode_fn = encode
-        return encode
+        Built by a module-level function, so nothing it holds refers back to this cache: dropping
+        the cache and the backbone frees the model at once, without waiting for a garbage
+        collection (a sweep's parent releases its GPU this way before the workers start).
+        """
+        if self._encode_fn is None:
+            self._encode_fn = ChunkedEncoder(
+                encoder_function(self.backbone, self.channels_last, self.compile), self.batch_size,
+                self.backbone.device, name=self.backbone.name, precision=self.backbone.precision)
+        return self._encode_fn
 
     def _encode_batch(self, pixels: torch.Tensor) -> torch.Tensor:
         """Encode ``pixels``, halving the chunk size on an out-of-memory error (kept for later batches)."""
-        encode = self._encoder()
-        while True:
-            chunk = self._chunk_limit or len(pixels)
-            try:
-                out = torch.cat([encode(pixels[i:i + chunk]).cpu() for i in range(0, len(pixels), chunk)])
-                self.encode_batch_size = self._chunk_limit or self.batch_size
-                return out
-            except Exception as err:
-                if not _is_out_of_memory(err):
-                    raise
-                if self.backbone.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if chunk == 1:
-                    raise BackboneError(
-                        f"{self.backbone.name}: out of memory encoding a single image on {self.backbone.device} "
-                        f"({err}). Free GPU memory (other processes, a trained model still held), use "
-                        "precision='fp16' or 'bf16', or load the backbone on another device.") from None
-                self._chunk_limit = max(1, chunk // 2)
-                self.oom_halvings += 1
-                warnings.warn(f"{self.backbone.name}: out of memory at an encode batch of {chunk}; retrying at "
-                              f"{self._chunk_limit} (cache.encode_batch_size records what ran).", stacklevel=4)
+        encoder = self._encoder()
+        try:
+            return encoder(pixels, stacklevel=5)
+        finally:
+            self.encode_batch_size = encoder.encode_batch_size
+            self.oom_halvings = encoder.halvings
 
-    def _encode(self, dataset, samples, transform, n_views, aug_seed, desc) -> Features:
+    def _encode(self, dataset, samples, transform, n_views, aug_seed, desc,
+                hash_files: bool = False) -> tuple[Features, dict[int, str]]:
+        """The features of ``samples`` and, with ``hash_files``, each image file's digest by position."""
         n = len(samples)
+        digests: dict[int, str] = {}
         dim = None
         out = None
         ok = np.zeros((n_views, n), dtype=bool)
         reasons: dict[int, str] = {}
         workers = resolve_num_workers(self.num_workers, n * n_views, self.batch_size, self.backbone.device.type)
-        loader = DataLoader(_ImageSet(dataset, samples, transform, n_views, aug_seed), batch_size=self.batch_size,
+        loader = DataLoader(_ImageSet(dataset, samples, transform, n_views, aug_seed, hash_files),
+                            batch_size=self.batch_size,
                             shuffle=False, num_workers=workers, collate_fn=_collate,
                             pin_memory=self.backbone.device.type == "cuda",
                             persistent_workers=False,
@@ -440,7 +627,8 @@ class FeatureCache:
         # Only shown when encoding takes long (tqdm's delay): small encodes and cache hits print nothing.
         bar = progress(total=n * n_views, desc=desc, unit="img", disable=not self.show_progress, leave=False,
                        delay=PROGRESS_DELAY_S)
-        for view_idx, pos, pixels, bad in loader:
+        for view_idx, pos, pixels, bad, batch_digests in loader:
+            digests.update(batch_digests)
             for _, p, reason in bad:
                 reasons[p] = reason
             if pixels is not None:
@@ -464,7 +652,7 @@ class FeatureCache:
         idx = np.flatnonzero(keep)
         labels = torch.tensor([samples[i].label for i in idx], dtype=torch.long)
         return Features(raw=out[:, idx].contiguous(), labels=labels, ids=[samples[i].id for i in idx],
-                        skipped=skipped)
+                        skipped=skipped), digests
 
     # -- disk -------------------------------------------------------------------------------
     @staticmethod
@@ -475,12 +663,12 @@ class FeatureCache:
         h.update("\n".join(ids).encode())
         return h.hexdigest()
 
-    def _save(self, path: Path, key: str, feats: Features) -> None:
+    def _save(self, path: Path, key: str, feats: Features, content: str | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         views = feats.raw.numpy().astype(np.float32)
         labels = feats.labels.numpy()
         meta = {"key": key, "format": CACHE_FORMAT, "checksum": self._checksum(views, labels, feats.ids),
-                "skipped": feats.skipped, "backbone": self.backbone.provenance_id}
+                "skipped": feats.skipped, "backbone": self.backbone.provenance_id, "content": content}
         fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -494,7 +682,8 @@ class FeatureCache:
                 os.unlink(tmp)
             raise
 
-    def _load(self, path: Path, key: str) -> Features | None:
+    def _load(self, path: Path, key: str) -> tuple[Features | None, str | None]:
+        """The entry and the content hash it was written with (``verify="hash"``; else None)."""
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
@@ -511,6 +700,6 @@ class FeatureCache:
                 path.unlink()
             except OSError:
                 pass
-            return None
-        return Features(raw=torch.from_numpy(views), labels=torch.from_numpy(labels), ids=ids,
-                        skipped=meta.get("skipped", []), key=key)
+            return None, None
+        return (Features(raw=torch.from_numpy(views), labels=torch.from_numpy(labels), ids=ids,
+                         skipped=meta.get("skipped", []), key=key), meta.get("content"))

@@ -30,7 +30,7 @@ from ...towers.text import TextTower
 from ...training import TrainConfig, train
 from ..base import Method
 from ..registry import register
-from .coop import PromptLearner, steps_per_epoch
+from .coop import PromptLearner, steps_per_epoch, view_batches
 
 
 class ConditionalPrompts(nn.Module):
@@ -135,17 +135,11 @@ class CoCoOp(Method):
         tower, learner = self._learner(backbone, task.class_names, task.seed)
         n_views = min(cfg.augment_views or cfg.epochs, cfg.epochs)
         views = task.support(views=n_views, aug_scale=tuple(cfg.aug_scale), stream="coop")
-        feats, labels = views.views.to(backbone.device), views.labels.to(backbone.device)
+        feats = views.views  # on the CPU: one batch at a time goes to the device (view_batches)
         prompts = self._conditional(learner, feats.shape[-1], task.seed)
-        n = feats.shape[1]
         scale, bias = backbone.logit_scale, backbone.logit_bias or 0.0
-        steps = steps_per_epoch(n, cfg.batch_size)
-
-        def batches(epoch, gen):
-            order = torch.randperm(n, generator=gen).to(backbone.device)
-            for i in range(steps):
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                yield feats[epoch % n_views][idx], labels[idx]
+        steps = steps_per_epoch(feats.shape[1], cfg.batch_size)
+        batches = view_batches(feats, views.labels, cfg.batch_size, backbone.device)
 
         def loss_fn(batch):
             x, y = batch

@@ -65,6 +65,27 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size if n >= batch_size else 1
 
 
+def view_batches(views: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device):
+    """The epoch-batch source of the prompt learners that train on cached image features (CoOp and
+    its subclasses, CoCoOp): epoch e is a fresh shuffle of the support set (the loop's CPU
+    generator) cut into :func:`steps_per_epoch` batches of augmented view ``e mod V``.
+
+    The ``[V, N, D]`` views stay on the CPU, where the cache holds them (V passes of a large support
+    set are GiBs: ImageNet at 16 shots, 200 views of ViT-B/16's 512-d features, ~6.5 GB); only each
+    batch is copied to ``device`` as it is used, so the GPU holds one batch, not every view.
+    """
+    n_views, n = views.shape[0], views.shape[1]
+    steps = steps_per_epoch(n, batch_size)
+
+    def batches(epoch, gen):
+        order = torch.randperm(n, generator=gen)
+        for i in range(steps):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            yield views[epoch % n_views][idx].to(device), labels[idx].to(device)
+
+    return batches
+
+
 def _text_weights(tower: TextTower, learner: "PromptLearner", backbone) -> torch.Tensor:
     """Normalised class text features of the learner's current context (CPU, float32)."""
     with torch.no_grad(), backbone.autocast():
@@ -201,17 +222,10 @@ class CoOp(Method):
         n_views = min(cfg.augment_views or epochs, epochs)
         views = task.support(views=n_views, aug_scale=tuple(cfg.aug_scale), flip=getattr(cfg, "flip", True),
                              stream="coop")
-        feats, labels = views.views.to(backbone.device), views.labels.to(backbone.device)
-        n = feats.shape[1]
+        feats = views.views  # on the CPU: one batch at a time goes to the device (view_batches)
         scale, bias = backbone.logit_scale, backbone.logit_bias or 0.0
-
-        steps = steps_per_epoch(n, cfg.batch_size)
-
-        def batches(epoch, gen):
-            order = torch.randperm(n, generator=gen).to(backbone.device)
-            for i in range(steps):
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                yield feats[epoch % n_views][idx], labels[idx]
+        steps = steps_per_epoch(feats.shape[1], cfg.batch_size)
+        batches = view_batches(feats, views.labels, cfg.batch_size, backbone.device)
 
         extra = self._regulariser(task, tower)  # KgCoOp, BiomedCoOp add a term to the loss
 

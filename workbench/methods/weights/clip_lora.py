@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...features import ChunkedEncoder
 from ...towers import linear_layers, trainable_copy
 from ...towers.interpolate import ALPHA_GRID, check_alpha, interpolate_tensors
 from ...towers.lora import (add_lora, bake_complement, constrain_to_complement, load_lora, lora_b_weights,
@@ -203,11 +204,17 @@ class CLIPLoRA(Method):
         val_pixels = torch.stack([backbone.preprocess(im) for im in val_images]) if val_images else None
         val_labels = torch.tensor(val_labels)
         best = {"acc": -1.0, "epoch": None, "state": None}
+        # the validation images go through the adapted model in chunks of the feature cache's batch
+        # size, halved on a CUDA out-of-memory error (as every encode), never in one batch
+        val_encoder = ChunkedEncoder(lambda px: model.encode_image(px.to(backbone.device, non_blocking=True)).float(),
+                                     getattr(getattr(task, "_cache", None), "batch_size", 64), backbone.device,
+                                     name=f"{self.label} validation", precision=backbone.precision)
 
         def val_accuracy() -> float:
             with torch.no_grad(), backbone.autocast():
-                img = F.normalize(model.encode_image(val_pixels.to(backbone.device)).float(), dim=-1)
-                return float(((img @ text_features().T).argmax(-1).cpu() == val_labels).float().mean())
+                img = F.normalize(val_encoder(val_pixels), dim=-1)
+                text = text_features().float().cpu()
+            return float(((img @ text.T).argmax(-1) == val_labels).float().mean())
 
         def on_epoch_end(epoch):
             if (epoch + 1) % cfg.eval_every and epoch + 1 != epochs:
