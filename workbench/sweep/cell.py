@@ -25,26 +25,27 @@ _STATE: dict[str, Any] = {}
 
 
 def _backbone_and_cache(cell: dict, settings: dict, device: str | None = None):
-    import workbench as wb
+    from ..backbones import load_backbone
+    from ..features import FeatureCache
 
     key = ("backbone", cell["backbone"], cell["pretrained"], device or settings["device"])
     if key not in _STATE:
-        _STATE[key] = wb.load_backbone(cell["backbone"], cell["pretrained"] or None, device=key[3])
+        _STATE[key] = load_backbone(cell["backbone"], cell["pretrained"] or None, device=key[3])
     backbone = _STATE[key]
     # one cache per (backbone, sweep folder): a later sweep in this process writes into its own folder
     features = Path(settings["output_dir"]) / "features"
     cache_key = ("cache", *key[1:], str(features))
     if cache_key not in _STATE:
-        _STATE[cache_key] = wb.FeatureCache(backbone, features, show_progress=False)
+        _STATE[cache_key] = FeatureCache(backbone, features, show_progress=False)
     return backbone, _STATE[cache_key]
 
 
 def _dataset(name: str):
-    import workbench as wb
+    from ..domains import load_dataset
 
     key = ("dataset", name)
     if key not in _STATE:
-        _STATE[key] = wb.load_dataset(name)  # a YAML name, or a folder / CSV / .npz / YAML path
+        _STATE[key] = load_dataset(name)  # a YAML name, or a folder / CSV / .npz / YAML path
     return _STATE[key]
 
 
