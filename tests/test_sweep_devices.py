@@ -252,3 +252,102 @@ def test_a_cluster_worker_that_cannot_see_the_sweep_folders_fails_the_sweep_up_f
         with pytest.raises(ConfigError, match=r"worker tcp://\S+: feature cache \(output_dir/features\) '[^']+': "
                                               "writes files there that this machine does not see"):
             sweep_probe.check_shared_folders(client, folders)
+
+
+# -- the first GPU run (issue 27): decoder budgets, workers spread over GPUs, CUDA started too early ----
+
+def test_decoder_budget_follows_cpu_affinity_and_torchrun_ranks_not_cpu_count(monkeypatch):
+    from workbench import distributed
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)                   # the machine ...
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)   # ... and our share
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert distributed.usable_cpus() == 4
+    assert [distributed.decoder_budget(n) for n in (1, 2, 4)] == [3, 1, 0]   # one core left per process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                        # two torchrun ranks on this machine
+    assert distributed.decoder_budget() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert distributed.decoder_budget(1) == distributed.MAX_DECODERS_PER_PROCESS
+    slots = [WorkerSlot("cpu:0", "cpu", (("CUDA_VISIBLE_DEVICES", ""),)), WorkerSlot("cuda:0", "cuda:0")]
+    assert sweep_local.decoder_budgets(slots) == [0, distributed.MAX_DECODERS_PER_PROCESS]   # CPU: in-line
+
+
+def report_decoders(cell: dict, settings: dict) -> dict:
+    """A cell function: how many decoder processes num_workers='auto' would start in this worker on a GPU."""
+    from workbench.features import resolve_num_workers
+
+    return {"cell_id": cell["cell_id"], "status": "done", "row": {
+        "cell_id": cell["cell_id"], "auto": resolve_num_workers("auto", 10_000, 64, "cuda"),
+        "budget": os.environ.get(sweep_worker.DECODERS_ENV)}}
+
+
+def test_pool_workers_start_no_decoders_beyond_their_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_local, "decoder_budgets", lambda slots: [0] * len(slots))
+    rows = []
+    sweep_local._run_pool([WorkerSlot(), WorkerSlot()], [{"cell_id": "c0"}, {"cell_id": "c1"}], {"device": "auto"},
+                          lambda r: rows.append(r["row"]), cell_fn=report_decoders)
+    assert [(r["auto"], r["budget"]) for r in rows] == [(0, "0"), (0, "0")]   # not min(8, cores - 1)
+    monkeypatch.undo()
+    rows = []
+    sweep_local._run_pool([WorkerSlot()], [{"cell_id": "c0"}], {"device": "auto"}, lambda r: rows.append(r["row"]),
+                          cell_fn=report_decoders)
+    from workbench.distributed import decoder_budget
+
+    assert rows[0]["budget"] == str(decoder_budget(1)) and rows[0]["auto"] <= decoder_budget(1)
+
+
+def test_workers_without_devices_are_spread_over_the_visible_gpus(tmp_path, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(sweep_devices, "visible_gpus", lambda: ["GPU-A", "GPU-B"])
+    slots = sweep_devices.spread_workers(3, "auto")
+    assert [s.label for s in slots] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [dict(s.env)["CUDA_VISIBLE_DEVICES"] for s in slots] == ["0", "1", "0"]
+    assert sweep_devices.spread_workers(3, "cpu") is None and sweep_devices.spread_workers(3, "cuda:1") is None
+    assert sweep_devices.spread_workers(1, "auto") is None
+    # the sweep itself: `workers: 2` on a two-GPU machine gives each GPU one worker
+    seen = []
+    monkeypatch.setattr(sweep_cell, "encode_pools", lambda *a, **k: {})
+    monkeypatch.setattr(sweep_local, "_run_pool", lambda slots, todo, settings, collect: seen.append(slots))
+    sweep({**TINY, "output_dir": str(tmp_path)}, workers=2, show_progress=False)
+    assert [s.label for s in seen[0]] == ["cuda:0", "cuda:1"]
+    # one GPU: the workers share it, and the user is told
+    monkeypatch.setattr(sweep_devices, "visible_gpus", lambda: ["GPU-A"])
+    with pytest.warns(UserWarning, match="2 workers share the only visible GPU"):
+        assert sweep_devices.spread_workers(2, "auto") is None
+
+
+def test_cuda_started_before_the_worker_was_pinned_is_detected(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    message = sweep_worker.cuda_started_too_early("1")
+    assert "CUDA was already initialised" in message and 'if __name__ == "__main__":' in message
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)          # the count was taken before pinning
+    assert "it sees 4 GPU(s) instead of the 1" in sweep_worker.cuda_started_too_early("1")
+    assert "instead of the 0" in sweep_worker.cuda_started_too_early("")   # a CPU worker that sees GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert sweep_worker.cuda_started_too_early("1") is None              # pinned as asked
+    # the worker initialiser records it, and the worker's first cell stops with it
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(sweep_worker, "_INIT_ERROR", None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        sweep_worker._worker_init(None, None, (("CUDA_VISIBLE_DEVICES", "1"),))
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    with pytest.raises(sweep_worker.WorkerInitError, match="could not be pinned to its GPU"):
+        sweep_worker.run_guarded(report_decoders, {"cell_id": "c0"}, {})
+
+
+def init_failed(cell: dict, settings: dict) -> dict:
+    raise sweep_worker.WorkerInitError("sweep: a worker process could not be pinned to its GPU (test)")
+
+
+def test_a_worker_that_could_not_be_pinned_stops_the_sweep_with_its_message(tmp_path):
+    with pytest.raises(ConfigError, match=r"could not be pinned to its GPU \(test\)"):
+        sweep_local._run_pool([WorkerSlot()], [{"cell_id": "c0"}, {"cell_id": "c1"}], {"device": "auto"},
+                              lambda r: pytest.fail("a cell ran"), cell_fn=init_failed)

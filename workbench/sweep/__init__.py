@@ -41,7 +41,9 @@ How it behaves:
   pinned to one torch thread so they do not oversubscribe the cores. A worker process that dies
   mid-cell (killed, out of host memory) is replaced; its cell is retried once on the new worker,
   and if that worker dies too the cell is recorded in ``failures.csv`` ("worker process lost");
-  only the parent writes rows, so a lost worker never leaves a duplicate or half row.
+  only the parent writes rows, so a lost worker never leaves a duplicate or half row. Each local
+  worker may start DataLoader decoder processes up to its share of the cores this process may use
+  (its CPU affinity, not ``os.cpu_count()``; see :func:`workbench.distributed.decoder_budget`).
 * **GPUs.** ``devices: [0, 1]`` (or ``"all"``) runs one worker per GPU, each pinned to its GPU
   (``CUDA_VISIBLE_DEVICES`` set in the worker before torch initialises CUDA, and the backbone
   loaded on ``cuda:0`` of what it sees); every row records its ``device`` (``cuda:1``: the index
@@ -49,7 +51,15 @@ How it behaves:
   ConfigError listing the visible ones, before any work. ``engine: dask`` with ``devices`` uses
   dask-cuda's ``LocalCUDACluster`` when installed, else starts one local Dask worker per GPU
   with its own ``CUDA_VISIBLE_DEVICES``. Entries ``cpu`` / ``cpu:N`` make CPU workers with
-  distinct labels (a machine without GPUs can rehearse a GPU sweep; the tests do).
+  distinct labels (a machine without GPUs can rehearse a GPU sweep; the tests do). ``workers: N``
+  without ``devices`` on several visible GPUs spreads the workers over them (one GPU: shared, with
+  a warning). A worker whose pinning cannot take, because CUDA started in it before
+  ``CUDA_VISIBLE_DEVICES`` was set (a top-level ``torch.cuda`` call in the script every spawned
+  worker re-imports), stops the sweep with a ConfigError saying so.
+* **Nothing from the spec runs or writes outside.** ``runner: notebook`` runs only notebooks in
+  ``notebooks/`` unless the user opts in (``allow_notebook_outside=True``; a spec file cannot), and
+  names that become paths (a dataset YAML's ``name``, a method ``label``) must be one path
+  component, so no written file leaves ``output_dir``.
 * **Clusters.** ``engine: dask`` sends the cells to a ``LocalCluster`` or, with
   ``dask_address``, to a running cluster. Its workers read and write the feature cache
   (``output_dir/features``), the split files (``output_dir/splits``) and the per-run records
@@ -65,7 +75,9 @@ How it behaves:
 The parts, each a module of this package: :mod:`.spec` (the spec and its grid), :mod:`.devices` (which
 device each worker gets), :mod:`.worker` (a worker process's setup), :mod:`.cell` (running one cell and
 the pools it reads), :mod:`.local` (the local process pool), :mod:`.dask` (the Dask engine),
-:mod:`.probe` (the shared-folder check) and :mod:`.driver` (:func:`sweep` itself).
+:mod:`.probe` (the shared-folder check) and :mod:`.driver` (:func:`sweep` itself). The names below
+are re-exported for ``from workbench.sweep import ...``; to replace a part (in a test), patch it in
+its own module (``workbench.sweep.cell.encode_pools``), which is where the driver looks it up.
 """
 from __future__ import annotations
 

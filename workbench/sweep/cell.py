@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..errors import ConfigError
-from ..paths import resolve
-from .worker import _worker_device, _worker_name
+from .spec import check_name, notebook_path
+from .worker import _worker_device, _worker_name, apply_decoder_budget
 
 if TYPE_CHECKING:
     from .spec import SweepSpec
@@ -117,6 +117,7 @@ def run_cell(cell: dict, settings: dict) -> dict:
     """
     started = time.time()
     try:
+        apply_decoder_budget()   # a pool worker's share of the cores for DataLoader decoders
         device, label = _worker_device(settings)
         if cell["runner"] == "notebook":
             row = _run_cell_notebook(cell, {**settings, "device": device})
@@ -127,6 +128,7 @@ def run_cell(cell: dict, settings: dict) -> dict:
             backbone, cache = _backbone_and_cache(cell, settings, device)
             label = label or str(backbone.device)
             dataset = _dataset(cell["dataset"])
+            check_name(dataset.name, f"dataset {cell['dataset']!r}: its name")   # run folders are named by it
             _pool(cache, dataset, settings)  # a disk hit after encode_pools: slices serve every request below
             before = cache.stats["images_encoded"]
             if cell.get("protocol") == "base_to_new":
@@ -156,7 +158,7 @@ def _run_cell_notebook(cell: dict, settings: dict) -> dict:
 
     run_dir = Path(settings["output_dir"]) / "notebook_runs" / cell["cell_id"]
     run_dir.mkdir(parents=True, exist_ok=True)
-    notebook = resolve("notebooks") / settings["notebook"]
+    notebook = notebook_path(settings["notebook"], settings.get("allow_notebook_outside", False))
     pm.execute_notebook(str(notebook), str(run_dir / notebook.name), cwd=str(run_dir), progress_bar=False,
                         parameters={"dataset": cell["dataset"], "backbone": cell["backbone"],
                                     "pretrained": cell["pretrained"], "shots": [cell["shots"]],

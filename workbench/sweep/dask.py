@@ -29,7 +29,11 @@ def _dask_client(spec: SweepSpec, slots: list[WorkerSlot] | None, settings: dict
                    LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True, dashboard_address=None))
         client = Client(cluster)
     try:
-        client.run(_worker_init, 1)
+        from ..distributed import decoder_budget
+
+        # local workers share this machine's cores: each gets its share of decoder processes
+        workers = None if spec.dask_address else (len(slots) if slots else spec.workers)
+        client.run(_worker_init, 1, None, (), None if workers is None else decoder_budget(workers))
         yield client
     finally:
         client.close()
@@ -42,7 +46,8 @@ def _local_device_cluster(slots: list[WorkerSlot], settings: dict):
     Nanny per slot started with its own CUDA_VISIBLE_DEVICES (and the label its rows record)."""
     from dask.distributed import Nanny, Scheduler, SpecCluster
 
-    if all(slot.device != "cpu" for slot in slots):
+    # dask-cuda starts one worker per listed GPU: only when each GPU is listed once (spread workers may share)
+    if all(slot.device != "cpu" for slot in slots) and len({slot.label for slot in slots}) == len(slots):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -79,3 +80,25 @@ def device_slots(devices) -> list[WorkerSlot]:
             physical = parent_visible[int(d)] if parent_visible else str(int(d))
             slots.append(WorkerSlot(f"cuda:{int(d)}", "cuda:0", (("CUDA_VISIBLE_DEVICES", physical),)))
     return slots
+
+
+def spread_workers(workers: int, device: str) -> list[WorkerSlot] | None:
+    """``workers: N`` without ``devices``: the slots that spread the N workers over the visible GPUs.
+
+    Without this every worker would load its model on ``cuda:0``. With several visible GPUs, worker
+    ``i`` is pinned to GPU ``i mod G`` (as ``devices`` would pin it); with one GPU the workers share
+    it, with a warning (each holds its own copy of the model there). None (no pinning) when the
+    sweep runs on the CPU, on a device the spec names (``cuda:1``), or with one worker.
+    """
+    if workers < 2 or device not in ("auto", "cuda"):
+        return None
+    names = visible_gpus()
+    if not names:
+        return None
+    if len(names) == 1:
+        warnings.warn(f"sweep: {workers} workers share the only visible GPU (0: {names[0]}); each loads its own "
+                      "copy of the model there. Lower 'workers' if it runs out of memory.", stacklevel=3)
+        return None
+    gpus = device_slots(list(range(len(names))))
+    return [gpus[i % len(gpus)] for i in range(workers)]
+

@@ -43,17 +43,21 @@ class SweepSummary:
 
 def sweep(spec: SweepSpec | dict | str | os.PathLike, *, workers: int | None = None, engine: str | None = None,
           devices: list | str | None = None, show_progress: bool = True,
-          max_cells: int | None = None) -> SweepSummary:
+          max_cells: int | None = None, allow_notebook_outside: bool = False) -> SweepSummary:
     """Run (or resume) a sweep; see the module docstring. ``max_cells`` stops after that many new cells;
-    ``workers``, ``engine`` and ``devices`` override the spec's.
+    ``workers``, ``engine`` and ``devices`` override the spec's. ``allow_notebook_outside``: run a
+    ``runner: notebook`` sweep's notebook although it is not in ``notebooks/`` (never set by a spec file).
 
     Ctrl-C stops the workers and raises :class:`~workbench.errors.Interrupted` ("interrupted —
     rerun the same command to resume", with the count done); finished cells stay saved.
     """
+    opt_in = {"allow_notebook_outside": True} if allow_notebook_outside else {}
     if isinstance(spec, (str, os.PathLike)):
-        spec = SweepSpec.from_yaml(spec)
+        spec = SweepSpec.from_yaml(spec, **opt_in)
     elif isinstance(spec, dict):
-        spec = SweepSpec(**spec)
+        spec = SweepSpec(**{**spec, **opt_in})
+    elif opt_in:
+        spec = dataclasses.replace(spec, **opt_in)
     if workers is not None:
         spec = dataclasses.replace(spec, workers=workers)
     if engine is not None:
@@ -61,6 +65,8 @@ def sweep(spec: SweepSpec | dict | str | os.PathLike, *, workers: int | None = N
     if devices is not None:
         spec = dataclasses.replace(spec, devices=devices)
     slots = _devices.device_slots(spec.devices) if spec.devices is not None else None  # a missing GPU fails here
+    if slots is None and not spec.dask_address:   # workers: N on a GPU machine -> spread over its GPUs
+        slots = _devices.spread_workers(spec.workers, spec.device)
     if slots and spec.dask_address:
         raise ConfigError("sweep: 'devices' pins the workers this sweep starts; a running cluster (dask_address) "
                           "has its own: start one worker per GPU there (e.g. dask-cuda-worker), and leave 'devices' "
@@ -69,7 +75,7 @@ def sweep(spec: SweepSpec | dict | str | os.PathLike, *, workers: int | None = N
     # the parent encodes the pools: on the first listed device (not cuda:0, which may belong to someone else)
     parent_device = spec.device if not slots else (slots[0].label if slots[0].device != "cpu" else "cpu")
     settings = {"output_dir": str(out), "device": parent_device, "notebook": spec.notebook, "shots": spec.shots,
-                "seeds": spec.seeds, "protocol": spec.protocol}
+                "seeds": spec.seeds, "protocol": spec.protocol, "allow_notebook_outside": spec.allow_notebook_outside}
     results = ResultsTable(out)  # a folder that cannot be written fails here, before any work
     (out / "sweep_spec.json").write_text(json.dumps(dataclasses.asdict(spec), indent=1, default=str))
     grid = cells(spec)

@@ -10,20 +10,31 @@ import os
 import signal
 import warnings
 
+from ..errors import ConfigError
 from .cell import run_cell
 from .devices import WorkerSlot
-from .worker import DEVICE_ENV, LABEL_ENV, _worker_init
+from .worker import DEVICE_ENV, LABEL_ENV, WorkerInitError, _worker_init, run_guarded
 
 
-def worker_pool(workers: int, threads: int | None = None, slot: WorkerSlot | None = None):
+def worker_pool(workers: int, threads: int | None = None, slot: WorkerSlot | None = None,
+                decoders: int | None = None):
     """A spawn-context process pool whose workers die with this process and ignore Ctrl-C (and are pinned
-    to ``slot``'s device, if given)."""
+    to ``slot``'s device, if given; ``decoders``: the DataLoader decoder processes each may start)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
     env = () if slot is None else (*slot.env, (DEVICE_ENV, slot.device or ""), (LABEL_ENV, slot.label or ""))
     return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                               initargs=(threads, os.getpid(), env))
+                               initargs=(threads, os.getpid(), env, decoders))
+
+
+def decoder_budgets(slots: list[WorkerSlot]) -> list[int]:
+    """Decoder processes per worker: none for a CPU worker (its encoder uses the cores), else an equal
+    share of the cores this process may use (its CPU affinity, not the machine's count) less one
+    for the worker itself (:func:`workbench.distributed.decoder_budget`)."""
+    from ..distributed import decoder_budget
+
+    return [0 if slot.device == "cpu" else decoder_budget(len(slots)) for slot in slots]
 
 
 def _stop_workers(pool) -> None:
@@ -49,9 +60,10 @@ def _run_pool(slots: list[WorkerSlot], todo: list[dict], settings: dict, collect
     from concurrent.futures.process import BrokenProcessPool
 
     threads = max(1, (os.cpu_count() or 1) // len(slots))
+    decoders = decoder_budgets(slots)
     queue = collections.deque(todo)
     losses: collections.Counter = collections.Counter()
-    pools = [worker_pool(1, threads, slot) for slot in slots]
+    pools = [worker_pool(1, threads, slot, decoders[i]) for i, slot in enumerate(slots)]
     procs: list[list] = [[] for _ in slots]
     running: dict = {}  # future -> (slot index, cell)
 
@@ -59,11 +71,11 @@ def _run_pool(slots: list[WorkerSlot], todo: list[dict], settings: dict, collect
         if queue:
             cell = queue.popleft()
             try:
-                fut = pools[i].submit(cell_fn, cell, settings)
+                fut = pools[i].submit(run_guarded, cell_fn, cell, settings)
             except BrokenProcessPool:  # its worker died while idle: a fresh one takes the cell
                 _stop_workers(pools[i])
-                pools[i] = worker_pool(1, threads, slots[i])
-                fut = pools[i].submit(cell_fn, cell, settings)
+                pools[i] = worker_pool(1, threads, slots[i], decoders[i])
+                fut = pools[i].submit(run_guarded, cell_fn, cell, settings)
             running[fut] = (i, cell)
             procs[i] = list((getattr(pools[i], "_processes", None) or {}).values())
 
@@ -79,7 +91,7 @@ def _run_pool(slots: list[WorkerSlot], todo: list[dict], settings: dict, collect
                 except BrokenProcessPool:
                     how = _how_it_ended(procs[i])
                     _stop_workers(pools[i])
-                    pools[i] = worker_pool(1, threads, slots[i])
+                    pools[i] = worker_pool(1, threads, slots[i], decoders[i])
                     losses[cell["cell_id"]] += 1
                     where = f" on {slots[i].label}" if slots[i].label else ""
                     if losses[cell["cell_id"]] <= retries:
@@ -93,6 +105,8 @@ def _run_pool(slots: list[WorkerSlot], todo: list[dict], settings: dict, collect
                                            "out-of-memory killer: lower 'workers' or free memory, then rerun to "
                                            "retry it."}
                         collect(result)
+                except WorkerInitError as err:   # no cell can run on this machine as started: stop, say why
+                    raise ConfigError(str(err)) from None
                 except Exception as err:  # e.g. a cell that cannot be sent to the worker
                     collect({"cell_id": cell["cell_id"], "status": "failed", "cell": cell,
                              "error": f"{type(err).__name__}: {err}"})

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ConfigError, did_you_mean
-from ..paths import repo_root
+from ..paths import repo_root, resolve
 from ..results import make_cell
 from .devices import _check_devices_syntax
 
@@ -38,6 +38,9 @@ class SweepSpec:
     templates: list | None = None
     #: "default", "paper" or "base_to_new" (see workbench.protocols; cross-dataset needs compare(targets=...))
     protocol: str = "default"
+    #: run a ``notebook`` outside ``notebooks/``: only from code or the command line, never from a spec file
+    #: (a shared spec must not opt itself in to running a notebook, which is code, from anywhere)
+    allow_notebook_outside: bool = False
 
     def __post_init__(self):
         """Check the whole spec before any cell runs: each error names the key and the fix."""
@@ -86,6 +89,11 @@ class SweepSpec:
                                  "targets=[...]))." if self.protocol == "cross_dataset" else "."))
         if self.protocol != "default" and self.runner == "notebook":
             raise ConfigError("sweep: runner 'notebook' runs the default protocol only; use runner 'function'.")
+        if self.runner == "notebook":
+            notebook_path(self.notebook, self.allow_notebook_outside)
+        for m in self.methods:
+            if m.get("label") is not None:
+                check_name(m["label"], f"method {m['name']!r}: 'label'")
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ConfigError(f"sweep: 'output_dir' must be a folder path, got {self.output_dir!r}.")
         if self.devices is not None:
@@ -99,13 +107,18 @@ class SweepSpec:
                                   "disagrees. Leave 'workers' out, or list as many devices as workers.")
 
     @classmethod
-    def from_yaml(cls, path) -> "SweepSpec":
+    def from_yaml(cls, path, **overrides) -> "SweepSpec":
+        """The spec in the YAML file ``path``; ``overrides`` are the caller's own settings (opt-ins)."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"sweep spec {str(path)!r} does not exist.")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sweep settings.")
+        if "allow_notebook_outside" in data:
+            raise ConfigError(f"{path}: 'allow_notebook_outside' cannot be set in a spec file (a spec may come from "
+                              "someone else, and a notebook is code); pass it yourself: "
+                              "sweep(spec, allow_notebook_outside=True) or `workbench sweep --allow-notebook-outside`.")
         unknown = sorted(set(data) - SPEC_KEYS)
         if unknown:
             raise ConfigError(f"{path}: unknown key {unknown[0]!r}; allowed: {sorted(SPEC_KEYS)}."
@@ -113,7 +126,7 @@ class SweepSpec:
         for key in ("datasets", "methods", "shots", "seeds"):
             if key not in data:
                 raise ConfigError(f"{path}: missing required key {key!r}.")
-        return cls(**data)
+        return cls(**data, **overrides)
 
 
 DATA_SUFFIXES = {".yaml", ".yml", ".csv", ".npz"}
@@ -135,17 +148,62 @@ def _check_dataset(entry, index: int) -> str:
 
     entry = str(entry)
     if not _looks_like_path(entry):
-        load_spec(entry)  # unknown name or a YAML that breaks the schema -> a ConfigError naming it
+        # unknown name or a YAML that breaks the schema -> a ConfigError naming it; its name becomes a path
+        check_name(load_spec(entry).get("name", entry), f"datasets[{index}] {entry!r}: the YAML's 'name'")
         return entry
     path = Path(entry).expanduser()
     for candidate in ((path,) if path.is_absolute() else (Path.cwd() / path, repo_root() / path)):
         if candidate.exists():
             if candidate.suffix.lower() in (".yaml", ".yml"):
-                load_spec(candidate)
+                check_name(load_spec(candidate).get("name", candidate.stem),
+                           f"datasets[{index}] {entry!r}: the YAML's 'name'")
             return str(candidate.resolve())
     raise ConfigError(f"sweep: datasets[{index}] {entry!r} does not exist (looked in {Path.cwd()} and "
                       f"{repo_root()}). Give an existing folder, CSV, .npz or dataset YAML, or a dataset name "
                       "from `workbench datasets`.")
+
+
+def check_name(name, what: str) -> str:
+    """A name that becomes part of a written path (a run folder, a file) must stay one path component.
+
+    Refused: anything but a non-empty string, path separators, ``.`` and ``..``, control characters
+    and names over 200 characters — so a dataset YAML's ``name: ../../x`` or a method label never
+    moves a file outside ``output_dir``. (A minimal local check; the package-wide name validator
+    lives with the path helpers.)
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or any(ord(c) < 32 or ord(c) == 127 for c in name) or len(name) > 200):
+        raise ConfigError(f"sweep: {what} {name!r} is not a usable name: it becomes part of a file path under "
+                          "output_dir, so it must be one path component (no '/', '\\', '.' or '..', no control "
+                          "characters, at most 200 characters). Rename it, e.g. to "
+                          f"{_slug(name)!r}.")
+    return name
+
+
+def _slug(name) -> str:
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)).strip("._")[:200]
+    return slug or "dataset"
+
+
+def notebook_path(notebook, allow_outside: bool = False) -> Path:
+    """The notebook a ``runner: notebook`` sweep executes: ``notebook`` taken from ``notebooks/``.
+
+    A notebook runs code, and a sweep spec may come from someone else: a path that leaves
+    ``notebooks/`` (``../x.ipynb``, an absolute path, a link out) is a ConfigError unless the
+    user opts in (``allow_outside``, from code or the command line).
+    """
+    if not isinstance(notebook, (str, os.PathLike)) or not str(notebook):
+        raise ConfigError(f"sweep: 'notebook' must be a notebook file name in notebooks/, got {notebook!r}.")
+    folder = resolve("notebooks").resolve()
+    path = (folder / Path(notebook).expanduser()).resolve()
+    if not allow_outside and not path.is_relative_to(folder):
+        raise ConfigError(f"sweep: notebook {str(notebook)!r} is outside notebooks/ ({path}). A sweep runs its "
+                          "notebook as code, and a spec may come from someone else, so only notebooks in "
+                          f"{folder} run unless you opt in: sweep(spec, allow_notebook_outside=True) or "
+                          "`workbench sweep --allow-notebook-outside`.")
+    return path
 
 
 def cells(spec: SweepSpec) -> list[dict]:
