@@ -96,3 +96,117 @@ def test_readme_layout_matches_the_tree():
 
 def test_no_notebook_generator_is_left():
     assert not list(ROOT.glob("tools/*notebook*")) and not list(ROOT.glob("tools/nbtools*"))
+
+
+# -- the rooms and their imports (ARCHITECTURE.md) -------------------------------------------------
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """workbench module -> the workbench modules it imports, read statically (ast) from every file.
+
+    Every import counts: at module level, inside functions (lazy imports still run, and a lazy
+    circle is a circle the first time both functions run) and under ``TYPE_CHECKING`` (type
+    checkers follow it). ``from .pkg import name`` counts as an import of ``pkg.name`` when that is
+    a module, else of ``pkg``. The implicit import of a module's parent package is not counted:
+    a package's ``__init__`` that gathers its own parts is not a circle.
+    """
+    files = {_module_name(p): p for p in (ROOT / "workbench").rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = (".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                        if node.level else node.module or "")
+                found |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+        graph[name] = {t for t in found if t in files and t != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def test_the_cycle_finder_finds_a_lazy_circle_and_a_long_one():
+    assert import_cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    graph = import_graph()   # the parser sees lazy, relative and `from . import x` imports
+    assert "workbench.protocols" in graph["workbench.experiment"]           # inside a function
+    assert "workbench.sweep.cell" in graph["workbench.sweep.driver"]        # from . import cell as _cell
+    assert "workbench.record" in graph["workbench.protocols"]
+
+
+def test_no_import_circle_within_workbench():
+    cycles = import_cycles(import_graph())
+    assert not cycles, (f"import circle(s) within workbench/: {cycles}. Move what both sides need into a module "
+                        "below both (as record.py is for experiment and protocols), see ARCHITECTURE.md.")
+
+
+def rooms() -> dict[str, tuple[int, str]]:
+    """The rooms table of ARCHITECTURE.md: module pattern -> (rank, room)."""
+    table = (ROOT / "ARCHITECTURE.md").read_text().split("## Rooms", 1)[1].split("\n## ", 1)[0]
+    out = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].isdigit():
+            for pattern in re.findall(r"`([^`]+)`", cells[2]):
+                out[pattern] = (int(cells[0]), cells[1])
+    return out
+
+
+def room_of(module: str, table: dict) -> list[tuple[int, str]]:
+    rel = module.removeprefix("workbench").removeprefix(".").replace(".", "/") or "__init__"
+    return [room for pattern, room in table.items()
+            if (pattern.endswith("/") and (rel + "/").startswith(pattern)) or rel == pattern]
+
+
+def test_every_module_has_one_room_and_imports_only_its_own_or_lower_rooms():
+    table = rooms()
+    assert len({room for room in table.values()}) >= 6, table
+    graph = import_graph()
+    homeless = sorted(m for m in graph if len(room_of(m, table)) != 1)
+    assert not homeless, (f"ARCHITECTURE.md's rooms table gives no room (or several) to {homeless}: add each to "
+                          "one row of the table")
+    upward = [f"{m} ({room_of(m, table)[0][1]}) imports {t} ({room_of(t, table)[0][1]})"
+              for m in sorted(graph) for t in sorted(graph[m]) if room_of(t, table)[0][0] > room_of(m, table)[0][0]]
+    assert not upward, "imports from a higher room (see ARCHITECTURE.md):\n" + "\n".join(upward)
+
+
+def test_readme_layout_points_to_the_architecture():
+    readme = (ROOT / "README.md").read_text()
+    assert "ARCHITECTURE.md" in readme.split("## Layout", 1)[1].split("\n## ", 1)[0]

@@ -392,3 +392,84 @@ def test_cli_recommend_prints_the_ranking_summary_and_model(tmp_path, capsys, mo
     assert main(["recommend", "--dataset", "leaf_disease_synthetic", "--methods", "coop", "--budget", "seconds",
                  "--device", "cpu"]) == 2
     assert "budget 'seconds': no candidate fits" in capsys.readouterr().err
+
+
+# -- a candidate that fails, features that are not finite (issue 20) ------------------------------
+
+class _Broken(Method):
+    """A user method whose fit raises on the second re-split (after one group already scored it)."""
+    Config = NoConfig
+    calls = 0
+
+    def fit(self, task):
+        type(self).calls += 1
+        if type(self).calls >= 2:
+            raise RuntimeError("boom in fit")
+        self.class_names = task.class_names
+        return self
+
+    def predict_logits(self, features):
+        return torch.zeros(len(features), len(self.class_names))
+
+
+@pytest.fixture
+def broken_method():
+    _Broken.calls = 0
+    registry.register("test_rec_broken")(_Broken)
+    yield "test_rec_broken"
+    registry._CLASSES.pop("test_rec_broken", None)
+    registry._ENTRIES.pop("test_rec_broken", None)
+
+
+def test_a_candidate_whose_fit_raises_is_named_left_out_and_listed_as_failed(backbone, shapes4, user_methods,
+                                                                             broken_method, tmp_path, quiet):
+    good, bad = user_methods
+    with pytest.warns(UserWarning, match=r"candidate 'test_rec_broken · workbench-tiny' failed during nested "
+                                         r"selection — RuntimeError: boom in fit \(K=2, seed 1, re-split 1\)"):
+        rec = recommend(shapes4, backbone, [bad, broken_method, good], shots=2, seeds=[1], resplits=2,
+                        budget="minutes", n_boot=200, out_dir=tmp_path)
+    assert (rec.method, rec.backbone) == (good, "workbench-tiny")   # the others went on
+    assert list(rec.failed) == ["test_rec_broken · workbench-tiny"] and "boom in fit" in rec.failed[
+        "test_rec_broken · workbench-tiny"]
+    row = rec.table[rec.table["method"] == broken_method].iloc[0]
+    assert np.isnan(row["estimate"]) and np.isnan(row["test"]) and "boom in fit" in row["error"]
+    ranking = rec.ranking()
+    assert ranking["method"].tolist()[-1] == broken_method
+    assert ranking["vs chosen"].tolist()[0] == "chosen" and ranking["vs chosen"].tolist()[-1] == "failed"
+    assert ranking["rank"].tolist() == [1, 2, 3]
+    assert "test_rec_broken · workbench-tiny" not in rec.pairwise.index and rec.pairwise.shape == (2, 2)
+    assert "Failed, so left out of the choice: test_rec_broken · workbench-tiny (RuntimeError" in rec.summary
+    # the comparison of the others is the one without the broken candidate
+    alone = recommend(shapes4, backbone, [bad, good], shots=2, seeds=[1], resplits=2, budget="minutes", n_boot=200,
+                      out_dir=tmp_path / "alone")
+    scored = rec.table[rec.table["error"] == ""].reset_index(drop=True)
+    cols = ["candidate", "estimate", "ci_low", "ci_high", "rank", "p_chosen_beats", "test"]
+    assert scored[cols].equals(alone.table[cols])
+
+
+def test_every_candidate_failing_is_one_clear_error(backbone, shapes4, broken_method, quiet):
+    from workbench.errors import DataError
+
+    _Broken.calls = 1   # fails from the first fit
+    with pytest.raises(DataError, match=r"every candidate failed during nested selection.*\n  test_rec_broken · "
+                                        r"workbench-tiny: RuntimeError: boom in fit"):
+        recommend(shapes4, backbone, [broken_method], shots=2, seeds=[1], resplits=2, budget="minutes", n_boot=200)
+
+
+def test_features_that_are_not_finite_stop_recommend_naming_the_images(backbone, shapes4, monkeypatch, quiet):
+    from workbench.features import FeatureCache
+    from workbench.recommend import NonFiniteFeatures
+
+    real = FeatureCache.get
+
+    def nan_for_one_image(self, dataset, samples, **kwargs):
+        feats = real(self, dataset, samples, **kwargs)
+        raw = feats.raw.clone()
+        raw[:, 0] = float("nan")        # as a NaN pixel or an overflowing encoder would leave it
+        return dataclasses.replace(feats, raw=raw)
+
+    monkeypatch.setattr(FeatureCache, "get", nan_for_one_image)
+    with pytest.raises(NonFiniteFeatures, match=r"the features of 1 of \d+ image\(s\) \(the labelled pool of "
+                                                r"'rec_shapes'\) are not finite \(NaN or inf\), e\.g\. \['"):
+        recommend(shapes4, backbone, ["zero_shot", "linear_probe"], shots=2, seeds=[1], resplits=2,
+                  budget="seconds", n_boot=200)

@@ -15,16 +15,14 @@ import pandas as pd
 import pytest
 import yaml
 
-import importlib
-
 import workbench as wb
 from workbench import experiment, results as results_mod
 from workbench.data import synthetic_shapes
 from workbench.errors import ConfigError, Interrupted
 from workbench.sweep import SweepSpec, cells, sweep
+from workbench.sweep import cell as sweep_cell  # the part that encodes the pools and runs the cells
 
 MINI = "pneumoniamnist_mini"
-sweep_mod = importlib.import_module("workbench.sweep")  # the package exports the function under the same name
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +165,7 @@ def test_one_progress_bar_per_compare(backbone, tmp_path, monkeypatch, quiet):
     ({"workers": True}, r"workers must be a positive integer"),
 ])
 def test_the_whole_spec_is_validated_before_any_cell(change, message, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_mod, "encode_pools", lambda *a, **k: pytest.fail("a cell ran before validation"))
+    monkeypatch.setattr(sweep_cell, "encode_pools", lambda *a, **k: pytest.fail("a cell ran before validation"))
     (tmp_path / "bad.yaml").write_text("name: bad\n")
     spec = {"datasets": [MINI], "methods": ["zero_shot"], "shots": [1], "seeds": [1], "output_dir": str(tmp_path),
             **change}
@@ -183,7 +181,7 @@ def test_numpy_integers_are_the_same_cells_as_ints():
 
 
 def test_unwritable_results_folder_fails_up_front(backbone, tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_mod, "encode_pools", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr(sweep_cell, "encode_pools", lambda *a, **k: pytest.fail("work started"))
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     spec = {"datasets": [MINI], "methods": ["zero_shot"], "shots": [1], "seeds": [1]}

@@ -156,3 +156,62 @@ def test_report_writes_tables_and_figures(reference, tmp_path):
     assert len(recall) in (2, 19)
     record = json.loads((reference.output_dir / "runs" / run_id / "provenance.json").read_text())
     assert sum(b["count"] for b in record["metrics"]["calibration"]) == record["row"]["n_test"]
+
+
+# -- names and notebooks that would reach outside the sweep (issue 20) --------------------------------
+
+SMALL = {"datasets": ["pneumoniamnist_mini"], "methods": ["zero_shot"], "shots": [1], "seeds": [1]}
+
+
+def test_a_notebook_outside_notebooks_runs_only_with_the_users_opt_in(tmp_path):
+    from workbench.sweep.spec import notebook_path
+
+    nb = {**SMALL, "runner": "notebook", "output_dir": str(tmp_path / "out")}
+    assert notebook_path("00_quickstart.ipynb") == wb.repo_root().resolve() / "notebooks" / "00_quickstart.ipynb"
+    SweepSpec(**nb, notebook="00_quickstart.ipynb")   # in notebooks/: fine
+    outside = tmp_path / "evil.ipynb"
+    outside.write_text("{}")
+    for name in ("../README.md", str(outside), "../../../../../../tmp/x.ipynb"):
+        with pytest.raises(ConfigError, match=r"is outside notebooks/.*allow_notebook_outside=True"):
+            SweepSpec(**nb, notebook=name)
+    assert SweepSpec(**nb, notebook=str(outside), allow_notebook_outside=True).notebook == str(outside)
+    # a spec file cannot opt itself in ...
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**nb, "notebook": str(outside), "allow_notebook_outside": True}))
+    with pytest.raises(ConfigError, match="'allow_notebook_outside' cannot be set in a spec file"):
+        SweepSpec.from_yaml(spec)
+    # ... the user running it can (max_cells=0: checked and set up, nothing run)
+    spec.write_text(yaml.safe_dump({**nb, "notebook": str(outside)}))
+    with pytest.raises(ConfigError, match="is outside notebooks/"):
+        sweep(spec, max_cells=0, show_progress=False)
+    summary = sweep(spec, max_cells=0, show_progress=False, allow_notebook_outside=True)
+    assert summary.done == 0 and summary.failed == 0
+
+
+def test_names_that_would_move_a_file_outside_output_dir_are_refused(tmp_path, monkeypatch):
+    source = yaml.safe_load((wb.repo_root() / "domains/medical/pneumoniamnist_mini.yaml").read_text())
+    bad = tmp_path / "escape.yaml"
+    bad.write_text(yaml.safe_dump({**source, "name": "../../../escape"}))
+    with pytest.raises(ConfigError, match=r"datasets\[0\] .*escape.yaml.*: the YAML's 'name' '\.\./\.\./\.\./escape' "
+                                          r"is not a usable name.*e\.g\. to 'escape'"):
+        SweepSpec(**{**SMALL, "datasets": [str(bad)]})
+    with pytest.raises(ConfigError, match=r"method 'zero_shot': 'label' '\.\./x' is not a usable name"):
+        SweepSpec(**{**SMALL, "methods": [{"name": "zero_shot", "label": "../x"}]})
+    from workbench.sweep.spec import check_name
+
+    assert check_name("pneumoniamnist_mini", "name") == "pneumoniamnist_mini"
+    for name in ("..", ".", "a\\b", "a\x00b", "", None, "x" * 201):
+        with pytest.raises(ConfigError, match="is not a usable name"):
+            check_name(name, "name")
+    # a name that only shows up when the data loads (a Hub set, a folder): the cell fails, nothing is written
+    import dataclasses
+
+    from workbench.sweep import cell as sweep_cell
+
+    real = sweep_cell._dataset
+    monkeypatch.setattr(sweep_cell, "_dataset", lambda name: dataclasses.replace(real(name), name="../../escaped"))
+    out = tmp_path / "deep" / "out"
+    result = sweep_cell.run_cell(cells(SweepSpec(**SMALL, output_dir=str(out)))[0],
+                                 {"output_dir": str(out), "device": "cpu", "shots": [1], "seeds": [1]})
+    assert result["status"] == "failed" and "'../../escaped' is not a usable name" in result["error"]
+    assert not list(tmp_path.rglob("*escaped*"))

@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--engine", choices=["local", "dask"], default=None)
+    p.add_argument("--allow-notebook-outside", action="store_true",
+                   help="run the spec's notebook (runner: notebook) although it is not in notebooks/ — a notebook "
+                        "is code: only for a spec you trust")
 
     p = sub.add_parser("report", help="tables and figures of a results table, written to a folder")
     p.add_argument("results", help="a results.csv written by compare, run or sweep")
@@ -154,7 +157,8 @@ def _run(args) -> int:
     elif args.command == "sweep":
         from workbench.sweep import sweep
 
-        summary = sweep(args.spec, workers=args.workers, engine=args.engine)
+        summary = sweep(args.spec, workers=args.workers, engine=args.engine,
+                        allow_notebook_outside=args.allow_notebook_outside)
         print(f"results: {summary.output_dir / 'results.csv'}")
         return 1 if summary.failed else 0
     elif args.command == "report":

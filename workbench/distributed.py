@@ -286,3 +286,26 @@ def broadcast(value, src: int = 0):
     box = [value]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def usable_cpus() -> int:
+    """The CPU cores this process may run on: its affinity mask (``taskset``, a container's cpuset, a
+    batch scheduler's allocation), not the machine's count that ``os.cpu_count()`` reports."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):   # no affinity on this platform (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+#: the most decoder processes one GPU process gets (decoding rarely needs more to feed one GPU)
+MAX_DECODERS_PER_PROCESS = 8
+
+
+def decoder_budget(processes: int | None = None) -> int:
+    """DataLoader decoder processes one GPU process may start when ``processes`` of them share this
+    machine's usable cores (default: torchrun's ``LOCAL_WORLD_SIZE``, else 1): its share of
+    :func:`usable_cpus` less one core for the process itself, at most :data:`MAX_DECODERS_PER_PROCESS`."""
+    if processes is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    share = usable_cpus() // max(1, int(processes))
+    return max(0, min(MAX_DECODERS_PER_PROCESS, share - 1))

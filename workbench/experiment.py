@@ -7,13 +7,8 @@ configuration and what its fitting chose.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,65 +26,10 @@ from .methods import get_method, method_class
 from .methods.base import Method
 from .metrics import SCALAR_METRICS, compute_metrics
 from .progress import progress
-from .protocols import PROTOCOL_COLUMNS
+from .record import (PROTOCOL_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
+                     _validation_logits, _validation_scores, environment_info)
 from .task import FewShotTask
 from .validate import check_seed, check_shots
-
-# ``metric`` is the dataset's primary metric (its YAML's ``metric:``), which summaries use by default.
-# ``val_*``: the same scores on the run's K-shot validation images (what wb.report.choose_on_validation uses).
-VAL_COLUMNS = [f"val_{m}" for m in SCALAR_METRICS if m != "ece"]
-# ``protocol``: "default" (leak-free) or "paper" (the dataset YAML's paper_protocol, see run_settings),
-# "base_to_new" or "cross_dataset" (see workbench.protocols).
-RESULT_COLUMNS = ["dataset", "domain", "backbone", "pretrained", "method", "shots", "seed", "protocol", "metric",
-                  *SCALAR_METRICS,
-                  *VAL_COLUMNS, "n_classes", "n_test", "fit_seconds", "predict_seconds", "skipped_images", "run_id"]
-# PROTOCOL_COLUMNS: what only some protocols fill (base-to-new scores, the cross-dataset target, the budget
-# mode), see workbench.protocols; empty / NaN in the other rows and in tables written before they existed.
-# A results table (compare, sweep): each run's row plus the key it is resumed by (see results.py).
-TABLE_COLUMNS = [*RESULT_COLUMNS, *PROTOCOL_COLUMNS, "method_label", "cell_id"]
-
-
-@functools.lru_cache(maxsize=1)
-def _git_revision() -> str | None:
-    """HEAD and whether tracked files differ from it; once per process (every run records it).
-
-    The nbstripout clean filter is bypassed (``cat``): committed notebooks are stripped, so the
-    raw file equals the index blob unless it really changed, and starting Python for every
-    notebook on every ``git status`` cost seconds per run.
-    """
-    here = Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-c", "filter.nbstripout.clean=cat", "-c", "filter.nbstripout.smudge=cat",
-                                "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def environment_info(device: torch.device | None = None) -> dict:
-    """Versions and hardware, for the provenance record."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("workbench", "torch", "torchvision", "open_clip_torch", "numpy", "scikit-learn", "pandas", "peft",
-                "datasets", "transformers"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
-            "git_revision": _git_revision(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if device is not None:
-        info["device"] = str(device)
-        if device.type == "cuda":
-            info["device_name"] = torch.cuda.get_device_name(device)
-    return info
-
 
 @dataclass
 class RunResult:
@@ -110,35 +50,6 @@ def _as_method(method: str | Method, params: dict | None) -> Method:
             raise ConfigError("pass method parameters either in the Method object or in method_params, not both.")
         return method
     return get_method(method, **(params or {}))
-
-
-def _validation_logits(method: Method, task: FewShotTask, dataset: Dataset, adapted_encoder,
-                       cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The fitted method's logits on the K-shot validation images (None when the split has none).
-
-    Fitting may have used these images to choose hyper-parameters, so scores on them are
-    optimistic; they are still blind to the test split, which makes them the honest basis for
-    choosing *between* methods and for conformal calibration. A method that adapted the image
-    encoder is scored on its own features.
-    """
-    samples = task.val_samples()
-    if not samples:
-        return None
-    if adapted_encoder is None:
-        val = task.validation()
-    else:
-        val = FeatureCache(adapted_encoder, None, batch_size=cache.batch_size, num_workers=cache.num_workers,
-                           show_progress=False).get(dataset, samples, desc="validation (adapted)")
-    with torch.no_grad():
-        logits = method.predict_logits(val.x if method.normalized_input else val.raw.mean(0)).float()
-    return logits, val.labels
-
-
-def _validation_scores(val: tuple[torch.Tensor, torch.Tensor] | None, n_classes: int) -> dict:
-    if val is None:
-        return {c: float("nan") for c in VAL_COLUMNS}
-    scores = compute_metrics(val[0], val[1], n_classes)
-    return {c: scores[c[len("val_"):]] for c in VAL_COLUMNS}
 
 
 def _conformal_summary(val, test_logits: torch.Tensor, test_labels: torch.Tensor, coverage: float = 0.9) -> dict | None:

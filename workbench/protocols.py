@@ -30,15 +30,11 @@ from typing import Mapping, Sequence
 import torch
 
 from .errors import ConfigError, did_you_mean
+from .record import PROTOCOL_COLUMNS
 
 #: every value of the ``protocol`` column (``default`` = the standard leak-free few-shot protocol)
 PROTOCOLS = ("default", "paper", "base_to_new", "cross_dataset")
 EVAL_CLASSES = ("shared", "all")
-#: columns only some protocols fill (empty / NaN in the others)
-PROTOCOL_COLUMNS = ["eval_dataset", "eval_classes", "budget", "allocation", "base_accuracy", "new_accuracy", "hm",
-                    "note"]
-
-
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:
         raise ConfigError(f"protocol must be one of {list(PROTOCOLS)}, got {protocol!r}."
@@ -111,8 +107,8 @@ def _run_id(prefix: str, parts) -> str:
 
 
 def _blank_row(dataset, backbone, method: str, shots: int, seed: int, protocol: str, domain: str | None) -> dict:
-    from .experiment import VAL_COLUMNS
     from .metrics import SCALAR_METRICS
+    from .record import VAL_COLUMNS
 
     nan = float("nan")
     return {"dataset": dataset.name, "domain": domain or dataset.domain or "", "backbone": backbone.name,
@@ -127,7 +123,7 @@ def _blank_row(dataset, backbone, method: str, shots: int, seed: int, protocol: 
 def _save_record(out_dir, row: dict, record: dict, device=None) -> None:
     from pathlib import Path
 
-    from .experiment import environment_info
+    from .record import environment_info
 
     if out_dir is None:
         return
@@ -143,7 +139,7 @@ def base_to_new_row(dataset, backbone, method: str, shots: int, seed: int, *, ca
     """One ``protocol="base_to_new"`` row: HM of base and new accuracy, or the reason the method cannot."""
     from . import base2new
     from .domains import run_settings
-    from .experiment import _validation_logits, _validation_scores
+    from .record import _validation_logits, _validation_scores
 
     row = _blank_row(dataset, backbone, method, shots, seed, "base_to_new", domain)
     row["metric"] = "hm"
@@ -185,7 +181,7 @@ def cross_dataset_rows(source, targets: Sequence, backbone, method: str, shots: 
     from .base2new import new_class_rule, retarget
     from .data.sampling import sample_few_shot
     from .domains import run_settings
-    from .experiment import _validation_logits, _validation_scores
+    from .record import _validation_logits, _validation_scores
     from .features import FeatureCache
     from .metrics import SCALAR_METRICS, compute_metrics
     from .methods import get_method

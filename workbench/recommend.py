@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -208,10 +208,6 @@ def p_beats(replicates: np.ndarray, a: int, b: int) -> float:
 
 # -- the selection rule ---------------------------------------------------------------------------
 
-#: how the held-out evidence is turned into a choice (see :func:`selection_scores`)
-RULES = ("mean", "pooled", "p_best")
-
-
 def pooled_scores(groups: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequence, n_classes: int,
                   metric: str) -> np.ndarray:
     """``[M]``: the metric of each candidate on the *pooled* predictions of each cross-validation, averaged.
@@ -244,6 +240,28 @@ def p_best(replicates: np.ndarray) -> np.ndarray:
     return (top / top.sum(axis=1, keepdims=True)).mean(axis=0)
 
 
+def _rule_mean(point, replicates, groups, keys, n_classes, metric) -> np.ndarray:
+    """The mean over (seed, re-split) groups of each group's metric (the point estimate)."""
+    return np.asarray(point, dtype=float)
+
+
+def _rule_pooled(point, replicates, groups, keys, n_classes, metric) -> np.ndarray:
+    """:func:`pooled_scores`: the metric on each cross-validation's pooled predictions."""
+    return pooled_scores(groups, keys, n_classes, metric)
+
+
+def _rule_p_best(point, replicates, groups, keys, n_classes, metric) -> np.ndarray:
+    """:func:`p_best`: the probability of being the best under the paired two-level bootstrap."""
+    return p_best(replicates)
+
+
+#: how the held-out evidence is turned into a choice: rule name -> function of (point [M], replicates
+#: [n_boot, M], groups, keys, n_classes, metric) returning the ``[M]`` scores it maximises. A new rule
+#: is one function added here.
+SELECTION_RULES = {"mean": _rule_mean, "pooled": _rule_pooled, "p_best": _rule_p_best}
+RULES = tuple(SELECTION_RULES)
+
+
 def selection_scores(rule: str, point: np.ndarray, replicates: np.ndarray, groups, keys, n_classes: int,
                      metric: str) -> np.ndarray:
     """``[M]``: the score the ``rule`` maximises. All use the held-out images of the labelled pool only.
@@ -254,13 +272,9 @@ def selection_scores(rule: str, point: np.ndarray, replicates: np.ndarray, group
       two-level bootstrap, which favours a candidate that wins consistently over one whose
       mean is lifted by a few lucky groups or images.
     """
-    if rule == "mean":
-        return np.asarray(point, dtype=float)
-    if rule == "pooled":
-        return pooled_scores(groups, keys, n_classes, metric)
-    if rule == "p_best":
-        return p_best(replicates)
-    raise ConfigError(f"rule must be one of {RULES}, got {rule!r}." + did_you_mean(str(rule), RULES))
+    if rule not in SELECTION_RULES:
+        raise ConfigError(f"rule must be one of {RULES}, got {rule!r}." + did_you_mean(str(rule), RULES))
+    return SELECTION_RULES[rule](point, replicates, groups, keys, n_classes, metric)
 
 
 def choose(scores: np.ndarray, estimates: np.ndarray, tiers: Sequence[int], order: Sequence[int]) -> int:
@@ -337,12 +351,17 @@ class PooledCache:
         ids = [s if isinstance(s, str) else s.id for s in samples]
         same_data = dataset.name == self._view.name and dataset.fingerprint() == self._view.fingerprint()
         if not (same_data and ids and set(ids) <= self._ids):
-            return self._cache.get(dataset, samples, views=views, aug_seed=aug_seed, aug_scale=aug_scale, flip=flip,
-                                   desc=desc)
+            feats = self._cache.get(dataset, samples, views=views, aug_seed=aug_seed, aug_scale=aug_scale, flip=flip,
+                                    desc=desc)
+            check_finite_features(feats, f"{dataset.name!r}, {desc or 'requested images'}")
+            return feats
         key = (views, aug_seed if views else None, tuple(aug_scale), flip)
         if key not in self._pools:
-            self._pools[key] = self._cache.get(self._view, self._samples, views=views, aug_seed=aug_seed,
-                                               aug_scale=aug_scale, flip=flip, desc=f"labelled pool x{max(views, 1)}")
+            pool = self._cache.get(self._view, self._samples, views=views, aug_seed=aug_seed, aug_scale=aug_scale,
+                                   flip=flip, desc=f"labelled pool x{max(views, 1)}")
+            check_finite_features(pool, f"the labelled pool of {self._view.name!r}" + (f", {views} augmented views"
+                                                                                        if views else ""))
+            self._pools[key] = pool
         pool = self._pools[key]
         row = {i: n for n, i in enumerate(pool.ids)}
         kept = [i for i in ids if i in row]   # an unreadable image was skipped in the pool too
@@ -378,6 +397,7 @@ class Recommendation:
     excluded: dict = field(default_factory=dict)
     cost_source: str = "registry cost column (per device); measured fit seconds reported"
     design: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)   # candidate -> the error of its failed fit (left out of the choice)
 
     def __repr__(self) -> str:
         return (f"Recommendation({self.method} on {self.backbone}, K={self.shots}: {self.metric} "
@@ -391,12 +411,16 @@ class Recommendation:
         """
         at_k = self.table[self.table["shots"] == self.shots].sort_values(["rank", "chosen"], ascending=[True, False])
         pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
+        errors = at_k["error"] if "error" in at_k else pd.Series("", index=at_k.index)
+        failed = [bool(e) and np.isnan(v) for e, v in zip(errors, at_k["estimate"])]  # left out of the choice
         out = pd.DataFrame({
             "rank": at_k["rank"].astype(int), "backbone": at_k["backbone"], "method": at_k["method"],
-            f"held-out {self.metric} (%)": [f"{pct(e)} [{pct(lo)}, {pct(hi)}]"
-                                            for e, lo, hi in zip(at_k["estimate"], at_k["ci_low"], at_k["ci_high"])],
+            f"held-out {self.metric} (%)": [f"failed: {err}" if f else f"{pct(e)} [{pct(lo)}, {pct(hi)}]"
+                                            for e, lo, hi, f, err in zip(at_k["estimate"], at_k["ci_low"],
+                                                                         at_k["ci_high"], failed, errors)],
             "P(chosen beats)": at_k["p_chosen_beats"].round(3),
-            "vs chosen": [_mark(p, chosen) for p, chosen in zip(at_k["p_chosen_beats"], at_k["chosen"])],
+            "vs chosen": ["failed" if f else _mark(p, chosen)
+                          for p, chosen, f in zip(at_k["p_chosen_beats"], at_k["chosen"], failed)],
             "fit s": at_k["fit_seconds"].round(2),
             f"test {self.metric} (%)": [f"{pct(t)} [{pct(lo)}, {pct(hi)}]" if not np.isnan(t) else "—"
                                         for t, lo, hi in zip(at_k["test"], at_k["test_ci_low"], at_k["test_ci_high"])],
@@ -448,7 +472,15 @@ def _mark(p: float, chosen: bool) -> str:
     return "**" if p >= 0.99 else "*" if p >= SIGNIFICANT else "n.s."
 
 
-# -- the recommendation -------------------------------------------------------------------------
+# -- the recommendation, phase by phase ----------------------------------------------------------
+#
+# recommend() reads as the protocol: everything is checked and loaded first (_plan: the arguments,
+# the candidates, the K-shot splits and their re-splits, the backbones), then every candidate is
+# fitted on every re-split and predicts its held-out images (nested_selection), that evidence is
+# weighed (weigh_evidence: bootstrap, the selection rules, the choice), the candidates are refitted
+# and the test split scored once (refit_and_test, score_test), and the report is written (_report).
+# A new selection rule is one function in SELECTION_RULES; a new kind of candidate is one change in
+# candidate_pairs (and the fit in _fit_candidate).
 
 def _as_list(value, name: str) -> list:
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, np.ndarray)):
@@ -461,6 +493,24 @@ def _as_list(value, name: str) -> list:
 
 def _label(backbone) -> str:
     return f"{backbone.name} ({backbone.pretrained})" if backbone.pretrained else backbone.name
+
+
+class NonFiniteFeatures(DataError):
+    """Image features with NaN or inf values: no candidate can be fitted or scored on them."""
+
+
+def check_finite_features(feats, what: str, error: type = NonFiniteFeatures) -> None:
+    """Raise ``error`` (default :class:`NonFiniteFeatures`) naming the images whose features are NaN or inf."""
+    import torch
+
+    bad = ~torch.isfinite(feats.raw.reshape(-1, *feats.raw.shape[-2:])).all(-1).all(0) if feats.raw.numel() else None
+    if bad is None or not bool(bad.any()):
+        return
+    ids = [i for i, b in zip(feats.ids, bad.tolist()) if b]
+    raise error(
+        f"recommend: the features of {len(ids)} of {len(feats.ids)} image(s) ({what}) are not finite (NaN or inf), "
+        f"e.g. {ids[:3]}; no candidate can be fitted or compared on them. Check those images (a NaN pixel in an "
+        "array source?) and the backbone (weights that overflow at this precision: try precision='fp32').")
 
 
 def _predict(method, backbone, cache, view, samples):
@@ -476,54 +526,103 @@ def _predict(method, backbone, cache, view, samples):
     else:
         feats = FeatureCache(encoder, None, batch_size=cache.batch_size, num_workers=cache.num_workers,
                              show_progress=False).get(view, samples, desc="held-out (adapted)")
+        check_finite_features(feats, f"held-out images under {method.name!r}'s adapted image encoder",
+                              DataError)  # this candidate's own encoder: it fails, the others go on
     with torch.no_grad():
         logits = method.predict_logits(feats.x if method.normalized_input else feats.raw.mean(0)).float()
     return logits.argmax(-1).cpu().numpy(), feats.labels.cpu().numpy()
 
 
-def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: int | Sequence[int] = 4,
-              seeds: Sequence[int] = (1, 2, 3), budget: str = "minutes", metric: str | None = None, *,
-              method_params: dict | None = None, resplits: int = 3, holdout: float = 1 / 3, n_boot: int = 2000,
-              confidence: float = 0.95, boot_seed: int = 0, out_dir=None, split_dir=None, cache_dir=None,
-              templates: Sequence[str] | None = None, device: str = "auto", score_test: bool = True,
-              rule: str = "mean") -> Recommendation:
-    """Recommend a (backbone, method) for ``dataset`` from its labelled K-shot data (see the module docstring).
+@dataclass
+class _Plan:
+    """Everything :func:`recommend` checked and loaded before any image is encoded."""
 
-    ``dataset``: a :class:`~workbench.data.Dataset` or anything ``wb.load_dataset`` takes.
-    ``backbones``: one or several :class:`~workbench.backbones.Backbone` objects or names
-    (``"name"`` or ``("name", "pretrained")``). ``methods``: candidate names (default: every
-    registered method whose expected cost fits ``budget``). ``shots``: one K or several (the
-    choice is made at the largest; the others draw the curve). ``metric``: default the dataset's
-    primary metric. ``out_dir``: where the runs' provenance and the chosen model go (default: a
-    new temporary folder). ``score_test=False`` skips phase 2 for the non-chosen candidates.
-    ``rule``: how the held-out evidence decides, one of :data:`RULES` (see
-    :func:`selection_scores`); every rule's choice is also computed and kept in
-    ``design["choice_by_rule"]`` (cheap: the fits are shared).
-    """
-    import torch
+    dataset: Any
+    metric: str
+    shots: list                    # the K's, ascending; the choice is made at the largest
+    seeds: list
+    budget: str
+    rule: str
+    resplits: int
+    holdout: float
+    n_boot: int
+    confidence: float
+    boot_seed: int
+    device_type: str               # the slowest device among the backbones'
+    methods: list                  # candidate method names (within the budget)
+    excluded: dict                 # method -> why it is not a candidate
+    backbones: list                # loaded Backbone objects
+    labels: list                   # their display names
+    caches: list                   # one FeatureCache per backbone
+    pairs: list                    # the candidates: (backbone index, method name)
+    settings: dict                 # method -> run settings (the dataset's presets applied)
+    splits: dict                   # (K, seed) -> FewShotSplit
+    designs: dict                  # (K, seed) -> [(re-split index, inner split, held-out samples)]
+    method_params: dict
+    templates: list | None
+    split_dir: Any
 
-    from .backbones import Backbone, load_backbone, resolve_device
-    from .data.dataset import Dataset
-    from .domains import load_dataset, run_settings
-    from .experiment import run_experiment
-    from .features import FeatureCache
-    from .methods import get_method
-    from .progress import progress
-    from .task import FewShotTask, FitView
+    @property
+    def target(self) -> int:
+        return max(self.shots)
+
+    def name(self, i: int) -> str:
+        bi, m = self.pairs[i]
+        return f"{m} · {self.labels[bi]}"
+
+
+def _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence) -> dict:
+    """Every scalar argument checked (each error names the argument); returns them normalised."""
     from .validate import check_float, check_int, check_seed, check_shots
 
-    # -- every parameter checked before any image is encoded ----------------------------------
     check_budget(budget)
     if rule not in RULES:
         raise ConfigError(f"rule must be one of {RULES}, got {rule!r}." + did_you_mean(str(rule), RULES))
-    shot_list = sorted({check_shots(k, "recommend") for k in _as_list(shots, "shots")})
-    seed_list = list(dict.fromkeys(check_seed(s, "recommend") for s in _as_list(seeds, "seeds")))
-    resplits = check_int(resplits, "resplits", minimum=1, where="recommend")
-    holdout = check_float(holdout, "holdout", minimum=0.0, maximum=1.0, exclusive_min=True, exclusive_max=True,
-                          where="recommend")
-    n_boot = check_int(n_boot, "n_boot", minimum=100, where="recommend")
-    confidence = check_float(confidence, "confidence", minimum=0.5, maximum=1.0, exclusive_max=True,
-                             where="recommend")
+    return {
+        "shots": sorted({check_shots(k, "recommend") for k in _as_list(shots, "shots")}),
+        "seeds": list(dict.fromkeys(check_seed(s, "recommend") for s in _as_list(seeds, "seeds"))),
+        "resplits": check_int(resplits, "resplits", minimum=1, where="recommend"),
+        "holdout": check_float(holdout, "holdout", minimum=0.0, maximum=1.0, exclusive_min=True, exclusive_max=True,
+                               where="recommend"),
+        "n_boot": check_int(n_boot, "n_boot", minimum=100, where="recommend"),
+        "confidence": check_float(confidence, "confidence", minimum=0.5, maximum=1.0, exclusive_max=True,
+                                  where="recommend"),
+    }
+
+
+def candidate_pairs(n_backbones: int, methods: Sequence[str]) -> list[tuple[int, str]]:
+    """The candidates: every (backbone index, method), backbone-major (the order ties fall back to)."""
+    return [(bi, m) for bi in range(n_backbones) for m in methods]
+
+
+def _draw_splits(dataset, shots, seeds, resplits: int, holdout: float, split_dir) -> tuple[dict, dict]:
+    """The K-shot splits per (K, seed) and their re-splits (:func:`resplit`); a fold that holds out
+    nothing is left out, and a (K, seed) with no held-out image at all is a ConfigError."""
+    from .data.sampling import sample_few_shot
+
+    splits = {(k, s): sample_few_shot(dataset, k, s, split_dir=split_dir) for k in shots for s in seeds}
+    # a fold can hold out nothing when every class has fewer images than folds: it is left out
+    designs = {key: [(r, *part) for r in range(resplits) for part in [resplit(dataset, sp, r, holdout)] if part[1]]
+               for key, sp in splits.items()}
+    for (k, s), parts in designs.items():
+        if not parts:
+            raise ConfigError(f"K={k}, seed {s}: no class of {dataset.name!r} has two labelled images (support + "
+                              "validation) to hold one out, so the choice cannot be made without the test split. "
+                              "Use a larger K, or a split with validation images.")
+    return splits, designs
+
+
+def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_params, resplits, holdout, n_boot,
+          confidence, boot_seed, split_dir, cache_dir, templates, device, rule) -> _Plan:
+    """Check every argument, list the candidates, draw the splits and load the backbones — in the order
+    that refuses bad input before any image is encoded."""
+    from .backbones import Backbone, load_backbone, resolve_device
+    from .data.dataset import Dataset
+    from .domains import load_dataset, run_settings
+    from .features import FeatureCache
+    from .methods import get_method
+
+    args = _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence)
     backbone_list = _as_list(backbones, "backbones")
     device_types = {b.device.type if isinstance(b, Backbone) else resolve_device(device).type for b in backbone_list}
     # the slowest device decides: GPU minutes are CPU hours
@@ -544,178 +643,340 @@ def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: i
         raise DataError(f"dataset {dataset.name!r} has no test split; recommend refits every candidate and saves the "
                         "chosen model through run_experiment, which scores one. Give the dataset a test split "
                         "(e.g. test_fraction=0.3 in its source).")
-    from .data.sampling import sample_few_shot
-
-    splits = {(k, s): sample_few_shot(dataset, k, s, split_dir=split_dir) for k in shot_list for s in seed_list}
-    # a fold can hold out nothing when every class has fewer images than folds: it is left out
-    designs = {key: [(r, *part) for r in range(resplits) for part in [resplit(dataset, sp, r, holdout)] if part[1]]
-               for key, sp in splits.items()}
-    for (k, s), parts in designs.items():
-        if not parts:
-            raise ConfigError(f"K={k}, seed {s}: no class of {dataset.name!r} has two labelled images (support + "
-                              "validation) to hold one out, so the choice cannot be made without the test split. "
-                              "Use a larger K, or a split with validation images.")
+    splits, designs = _draw_splits(dataset, args["shots"], args["seeds"], args["resplits"], args["holdout"], split_dir)
     if len(candidates) * len(backbone_list) < 2:
         warnings.warn("recommend: a single candidate (backbone × method) — nothing to choose between; its estimate "
-                      "and interval are still reported.", stacklevel=2)
+                      "and interval are still reported.", stacklevel=3)
 
     loaded = [b if isinstance(b, Backbone) else
               load_backbone(*(b if isinstance(b, (tuple, list)) else (b,)), device=device) for b in backbone_list]
-    labels_ = [_label(b) for b in loaded]
-    if len(set(labels_)) != len(labels_):
-        raise ConfigError(f"backbones repeat: {labels_}; give each backbone once.")
+    labels = [_label(b) for b in loaded]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"backbones repeat: {labels}; give each backbone once.")
     caches = [FeatureCache(b, None if cache_dir is None else Path(cache_dir) / f"backbone{i}", show_progress=False)
               for i, b in enumerate(loaded)]
-    pairs = [(bi, m) for bi in range(len(loaded)) for m in candidates]
-    settings = {m: run_settings(dataset, m, (method_params or {}).get(m)) for m in candidates}
+    return _Plan(dataset=dataset, metric=metric, budget=budget, rule=rule, boot_seed=boot_seed,
+                 device_type=device_type, methods=candidates, excluded=excluded, backbones=loaded, labels=labels,
+                 caches=caches, pairs=candidate_pairs(len(loaded), candidates),
+                 settings={m: run_settings(dataset, m, (method_params or {}).get(m)) for m in candidates},
+                 splits=splits, designs=designs, method_params=dict(method_params or {}), templates=templates,
+                 split_dir=split_dir, **args)
 
-    # -- phase 1: nested selection on the labelled pool only -----------------------------------
+
+# -- phase 1: nested selection on the labelled pool only ------------------------------------------
+
+@dataclass
+class _Nested:
+    """What the nested re-splits produced: per K, each (seed, re-split) group's held-out truth and every
+    candidate's predictions, and the candidates that failed (left out of the choice)."""
+
+    pooled: dict                   # (backbone index, K, seed) -> PooledCache of that split's labelled pool
+    groups: dict                   # K -> [(y_true [n], {candidate index: y_pred [n]})]
+    keys: dict                     # K -> [(seed, repetition)]: which groups pool (rule "pooled")
+    fit_seconds: dict              # (K, (backbone index, method)) -> [seconds per fit]
+    failed: dict                   # candidate index -> "Error: message" of its first failed fit
+    notes: list                    # warnings raised while fitting, once each
+    seconds: float
+
+
+def _fit_candidate(plan: _Plan, i: int, k: int, seed: int, inner, held, cache, view) -> tuple:
+    """Fit candidate ``i`` on a re-split's inner split; returns (held-out predictions, truth, fit seconds)."""
+    import torch
+
+    from .methods import get_method
+    from .task import FewShotTask
+
+    bi, m = plan.pairs[i]
+    dataset = plan.dataset
+    tmpl = list(plan.templates or plan.settings[m].templates or dataset.templates or ["a photo of a {}."])
+    task = FewShotTask(dataset, inner, plan.backbones[bi], cache, templates=tmpl)
+    method = get_method(m, **(plan.settings[m].params or {}))
+    torch.manual_seed(seed)   # as run_experiment does: the same seed for every candidate
+    t0 = time.perf_counter()
+    method.fit(task)
+    seconds = time.perf_counter() - t0
+    pred, y = _predict(method, plan.backbones[bi], cache, view, held)
+    return pred, y, seconds
+
+
+def nested_selection(plan: _Plan) -> _Nested:
+    """Fit every candidate on every re-split's inner split and predict its held-out images.
+
+    Reads the support and validation images of each K-shot split only (a :class:`FitView`). A
+    candidate whose fit (or prediction) raises is named in a warning, left out of the remaining
+    fits and of the choice, and reported as failed; features that are not finite stop everything
+    (:class:`NonFiniteFeatures`: no candidate could be compared on them).
+    """
+    from .progress import progress
+    from .task import FitView
+
     started = time.perf_counter()
-    pooled = {}
-    held_scores: dict = {k: [] for k in shot_list}          # K -> [(y_true, y_pred [M, n])]
-    held_keys: dict = {k: [] for k in shot_list}            # K -> [(seed, repetition)]: which groups pool
-    fit_seconds: dict = {(k, p): [] for k in shot_list for p in pairs}
-    caught_notes: list[str] = []
-    bar = progress(total=sum(map(len, designs.values())) * len(pairs), desc="nested selection",
+    out = _Nested(pooled={}, groups={k: [] for k in plan.shots}, keys={k: [] for k in plan.shots},
+                  fit_seconds={(k, p): [] for k in plan.shots for p in plan.pairs}, failed={}, notes=[], seconds=0.0)
+    bar = progress(total=sum(map(len, plan.designs.values())) * len(plan.pairs), desc="nested selection",
                    unit="fit", leave=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for (k, s), parts in designs.items():
-            split = splits[(k, s)]
-            view = FitView(dataset, split)     # knows support + validation ids only
-            pool = split.train(dataset) + split.val(dataset)
-            for bi, b in enumerate(loaded):
-                pooled[(bi, k, s)] = PooledCache(caches[bi], view, pool)
+        for (k, s), parts in plan.designs.items():
+            split = plan.splits[(k, s)]
+            view = FitView(plan.dataset, split)     # knows support + validation ids only
+            pool = split.train(plan.dataset) + split.val(plan.dataset)
+            for bi in range(len(plan.backbones)):
+                out.pooled[(bi, k, s)] = PooledCache(plan.caches[bi], view, pool)
             for r, inner, held in parts:
-                preds, truth = [], None
-                for bi, m in pairs:
-                    cache = pooled[(bi, k, s)]
-                    tmpl = list(templates or settings[m].templates or dataset.templates or ["a photo of a {}."])
-                    task = FewShotTask(dataset, inner, loaded[bi], cache, templates=tmpl)
-                    method = get_method(m, **(settings[m].params or {}))
-                    torch.manual_seed(s)   # as run_experiment does: the same seed for every candidate
-                    t0 = time.perf_counter()
-                    method.fit(task)
-                    fit_seconds[(k, (bi, m))].append(time.perf_counter() - t0)
-                    pred, y = _predict(method, loaded[bi], cache, view, held)
+                preds, truth = {}, None
+                for i, (bi, m) in enumerate(plan.pairs):
+                    bar.update(1)
+                    if i in out.failed:
+                        continue
+                    try:
+                        pred, y, seconds = _fit_candidate(plan, i, k, s, inner, held, out.pooled[(bi, k, s)], view)
+                    except NonFiniteFeatures:
+                        raise
+                    except Exception as err:  # this candidate is out; the others go on
+                        out.failed[i] = f"{type(err).__name__}: {err} (K={k}, seed {s}, re-split {r})"
+                        continue
+                    out.fit_seconds[(k, (bi, m))].append(seconds)
                     if truth is not None and not np.array_equal(truth, y):
                         raise DataError("held-out images differ between candidates (an unreadable image?); "
                                         "cannot pair the comparison.")
                     truth = y
-                    preds.append(pred)
-                    bar.update(1)
-                held_scores[k].append((truth, np.stack(preds)))
-                held_keys[k].append((s, r // folds_for(holdout)))
+                    preds[i] = pred
+                if truth is not None:
+                    out.groups[k].append((truth, preds))
+                    out.keys[k].append((s, r // folds_for(plan.holdout)))
     bar.close()
     for w in caught:
         text = str(w.message)
-        if text not in caught_notes:
-            caught_notes.append(text)
-            warnings.warn(f"(during nested selection) {text}", w.category, stacklevel=2)
+        if text not in out.notes:
+            out.notes.append(text)
+            warnings.warn(f"(during nested selection) {text}", w.category, stacklevel=3)
+    for i, error in out.failed.items():
+        warnings.warn(f"recommend: candidate {plan.name(i)!r} failed during nested selection — {error}; it is left "
+                      "out of the choice and reported as failed in the ranking.", stacklevel=3)
+    if len(out.failed) == len(plan.pairs):
+        raise DataError("recommend: every candidate failed during nested selection, so there is nothing to choose:\n  "
+                        + "\n  ".join(f"{plan.name(i)}: {e}" for i, e in out.failed.items()))
+    out.seconds = time.perf_counter() - started
+    return out
 
-    rows = []
-    pairwise = None
-    boots = {}
-    by_rule: dict = {}
-    for k in shot_list:
-        point, reps = bootstrap(held_scores[k], dataset.n_classes, metric, n_boot, boot_seed)
+
+# -- the evidence: bootstrap, selection rules, the choice ------------------------------------------
+
+@dataclass
+class _Evidence:
+    table: pd.DataFrame            # one row per (candidate, K); ``_i`` the candidate index
+    alive: list                    # the candidate indices that were scored (not failed), in order
+    boots: dict                    # K -> (point [A], replicates [n_boot, A]) over ``alive``
+    choice_by_rule: dict           # rule -> chosen candidate's name
+    best: int                      # the chosen candidate's index
+    pairwise: pd.DataFrame
+
+
+def _held_out_groups(nested: _Nested, k: int, alive: list) -> list:
+    """K's groups as ``(y_true, y_pred [A, n])`` over the candidates that were scored."""
+    return [(y, np.stack([preds[i] for i in alive])) for y, preds in nested.groups[k]]
+
+
+def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
+    """The bootstrap per K, every rule's selection scores, the choice at the largest K, each
+    candidate's rank and P(chosen beats it); failed candidates are listed last, unscored."""
+    alive = [i for i in range(len(plan.pairs)) if i not in nested.failed]
+    names = [plan.name(i) for i in range(len(plan.pairs))]
+    rows, boots, by_rule = [], {}, {}
+    for k in plan.shots:
+        groups = _held_out_groups(nested, k, alive)
+        point, reps = bootstrap(groups, plan.dataset.n_classes, plan.metric, plan.n_boot, plan.boot_seed)
         boots[k] = (point, reps)
-        by_rule[k] = {r_: selection_scores(r_, point, reps, held_scores[k], held_keys[k], dataset.n_classes, metric)
-                      for r_ in RULES}
-        low, high = interval(reps, confidence)
-        for i, (bi, m) in enumerate(pairs):
-            rows.append({"backbone": labels_[bi], "method": m, "candidate": f"{m} · {labels_[bi]}", "shots": k,
-                         "estimate": point[i], "ci_low": low[i], "ci_high": high[i],
-                         "selection_score": by_rule[k][rule][i],
-                         "nested_fit_seconds": float(np.mean(fit_seconds[(k, (bi, m))])),
-                         "cost_tier": cost_tier(m, device_type), "_i": i})
+        by_rule[k] = {r_: selection_scores(r_, point, reps, groups, nested.keys[k], plan.dataset.n_classes,
+                                           plan.metric) for r_ in RULES}
+        low, high = interval(reps, plan.confidence)
+        for i, (bi, m) in enumerate(plan.pairs):
+            j = alive.index(i) if i in alive else None
+            seconds = nested.fit_seconds[(k, (bi, m))]
+            rows.append({"backbone": plan.labels[bi], "method": m, "candidate": names[i], "shots": k,
+                         "estimate": point[j] if j is not None else np.nan,
+                         "ci_low": low[j] if j is not None else np.nan,
+                         "ci_high": high[j] if j is not None else np.nan,
+                         "selection_score": by_rule[k][plan.rule][j] if j is not None else np.nan,
+                         "nested_fit_seconds": float(np.mean(seconds)) if seconds else np.nan,
+                         "cost_tier": cost_tier(m, plan.device_type), "error": nested.failed.get(i, ""), "_i": i})
     table = pd.DataFrame(rows)
-    target = max(shot_list)
-    tiers = [BUDGETS.index(cost_tier(m, device_type)) for _, m in pairs]
-    names = [f"{m} · {labels_[bi]}" for bi, m in pairs]
-    choice_by_rule = {r_: names[choose(by_rule[target][r_], boots[target][0], tiers, range(len(pairs)))]
-                      for r_ in RULES}
-    best_i = names.index(choice_by_rule[rule])
-    best_bi, best_m = pairs[best_i]
-    for k in shot_list:   # per K: the rank and P(chosen pair beats each) on that K's replicates
+    target = plan.target
+    tiers = [BUDGETS.index(cost_tier(plan.pairs[i][1], plan.device_type)) for i in alive]
+    choice_by_rule = {r_: names[alive[choose(by_rule[target][r_], boots[target][0], tiers, alive)]] for r_ in RULES}
+    best = names.index(choice_by_rule[plan.rule])
+    best_j = alive.index(best)
+    scored = table["error"] == ""
+    for k in plan.shots:   # per K: the rank and P(chosen pair beats each) on that K's replicates
         reps = boots[k][1]
-        sel = table["shots"] == k
-        est = table.loc[sel, "estimate"]
-        table.loc[sel, "rank"] = est.rank(ascending=False, method="min").astype(int)
-        table.loc[sel, "p_chosen_beats"] = [p_beats(reps, best_i, i) if i != best_i else np.nan
+        sel = (table["shots"] == k) & scored
+        table.loc[sel, "rank"] = table.loc[sel, "estimate"].rank(ascending=False, method="min").astype(int)
+        table.loc[sel, "p_chosen_beats"] = [p_beats(reps, best_j, alive.index(i)) if i != best else np.nan
                                             for i in table.loc[sel, "_i"]]
-    table["chosen"] = (table["_i"] == best_i)
+    table.loc[~scored, "rank"] = len(alive) + 1   # failed: after every scored candidate
+    table.loc[~scored, "p_chosen_beats"] = np.nan
+    table["chosen"] = (table["_i"] == best)
     reps = boots[target][1]
-    pairwise = pd.DataFrame([[p_beats(reps, a, b) if a != b else np.nan for b in range(len(pairs))]
-                             for a in range(len(pairs))], index=names, columns=names)
-    for m in candidates:   # the registry's estimate checked against what was measured here
+    alive_names = [names[i] for i in alive]
+    pairwise = pd.DataFrame([[p_beats(reps, a, b) if a != b else np.nan for b in range(len(alive))]
+                             for a in range(len(alive))], index=alive_names, columns=alive_names)
+    for m in plan.methods:   # the registry's estimate checked against what was measured here
         seconds = table.loc[table["method"] == m, "nested_fit_seconds"].max()
-        if seconds > BUDGET_SECONDS[budget]:
-            warnings.warn(f"recommend: {m!r} took {seconds:.0f} s per fit here, more than the budget {budget!r} "
-                          "allows (the registry's estimate was lower on this machine).", stacklevel=2)
+        if seconds > BUDGET_SECONDS[plan.budget]:
+            warnings.warn(f"recommend: {m!r} took {seconds:.0f} s per fit here, more than the budget {plan.budget!r} "
+                          "allows (the registry's estimate was lower on this machine).", stacklevel=3)
+    return _Evidence(table=table, alive=alive, boots=boots, choice_by_rule=choice_by_rule, best=best,
+                     pairwise=pairwise)
 
-    # -- phase 2: refit on the full K-shot split, score the test split once ----------------------
-    selection_seconds = time.perf_counter() - started
+
+# -- phase 2: refit on the full K-shot split, score the test split once ------------------------------
+
+@dataclass
+class _Final:
+    predictions: dict              # (K, seed, candidate) -> (y_true, y_pred) on the test split
+    fit_seconds: dict              # (K, candidate) -> [seconds]
+    failed: dict                   # (K, candidate) -> "Error: message" of a refit that raised
+    model_dir: Path | None
+    chosen_run: Any                # the chosen candidate's ExperimentResult (its saved model)
+    seconds: float
+
+
+def refit_and_test(plan: _Plan, nested: _Nested, evidence: _Evidence, out: Path, score_test: bool) -> _Final:
+    """Only after the choice: refit the scored candidates on the full K-shot splits (``run_experiment``)
+    and predict the test split once each; the chosen one's model is saved. ``score_test=False``: the
+    chosen one at the largest K and first seed only. A non-chosen candidate whose refit raises is
+    named in a warning and left unscored; the chosen one's error is raised."""
+    from .experiment import run_experiment
+    from .progress import progress
+
     started = time.perf_counter()
-    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="workbench-recommend-"))
-    final_fit: dict = {}
-    model_dir, chosen_run = None, None
-    todo = [(k, s, p) for k in shot_list for s in seed_list for p in pairs
-            if score_test or (k == target and s == seed_list[0] and p == pairs[best_i])]
+    best = plan.pairs[evidence.best]
+    alive = [plan.pairs[i] for i in evidence.alive]
+    final = _Final(predictions={}, fit_seconds={}, failed={}, model_dir=None, chosen_run=None, seconds=0.0)
+    todo = [(k, s, p) for k in plan.shots for s in plan.seeds for p in alive
+            if score_test or (k == plan.target and s == plan.seeds[0] and p == best)]
     bar = progress(total=len(todo), desc="refit + test (once)", unit="run", leave=True)
-    preds_by: dict = {}
     for k, s, (bi, m) in todo:
-        save = k == target and s == seed_list[0] and (bi, m) == pairs[best_i]
-        res = run_experiment(dataset, loaded[bi], m, k, s, cache=pooled[(bi, k, s)], templates=templates,
-                             method_params=(method_params or {}).get(m), split_dir=split_dir, out_dir=out,
-                             save_model=save)
-        final_fit.setdefault((k, (bi, m)), []).append(res.row["fit_seconds"])
-        preds_by[(k, s, (bi, m))] = (res.labels.cpu().numpy(), res.logits.argmax(-1).cpu().numpy())
+        save = k == plan.target and s == plan.seeds[0] and (bi, m) == best
+        try:
+            res = run_experiment(plan.dataset, plan.backbones[bi], m, k, s, cache=nested.pooled[(bi, k, s)],
+                                 templates=plan.templates, method_params=plan.method_params.get(m),
+                                 split_dir=plan.split_dir, out_dir=out, save_model=save)
+        except Exception as err:
+            if (bi, m) == best:
+                raise
+            final.failed.setdefault((k, (bi, m)), f"{type(err).__name__}: {err} (refit, seed {s})")
+            warnings.warn(f"recommend: candidate {m} · {plan.labels[bi]} failed when refitted at K={k}, seed {s} "
+                          f"({type(err).__name__}: {err}); its test score is left out.", stacklevel=3)
+            bar.update(1)
+            continue
+        final.fit_seconds.setdefault((k, (bi, m)), []).append(res.row["fit_seconds"])
+        final.predictions[(k, s, (bi, m))] = (res.labels.cpu().numpy(), res.logits.argmax(-1).cpu().numpy())
         if save:
-            model_dir, chosen_run = res.model_dir, res
+            final.model_dir, final.chosen_run = res.model_dir, res
         bar.update(1)
     bar.close()
-    refit_seconds = time.perf_counter() - started
-    test_cols = {"test": np.nan, "test_ci_low": np.nan, "test_ci_high": np.nan}
-    for col in test_cols:
+    final.seconds = time.perf_counter() - started
+    return final
+
+
+def score_test_split(plan: _Plan, table: pd.DataFrame, final: _Final) -> None:
+    """The test metric with its bootstrap interval per (candidate, K), over the seeds, in place; a
+    candidate without a test prediction for every seed stays NaN."""
+    for col in ("test", "test_ci_low", "test_ci_high"):
         table[col] = np.nan
-    if score_test:
-        for k in shot_list:
-            groups = []
-            for s in seed_list:
-                y = preds_by[(k, s, pairs[0])][0]
-                groups.append((y, np.stack([preds_by[(k, s, p)][1] for p in pairs])))
-            point, treps = bootstrap(groups, dataset.n_classes, metric, n_boot, boot_seed)
-            low, high = interval(treps, confidence)
-            sel = table["shots"] == k
-            table.loc[sel, "test"] = point[table.loc[sel, "_i"]]
-            table.loc[sel, "test_ci_low"] = low[table.loc[sel, "_i"]]
-            table.loc[sel, "test_ci_high"] = high[table.loc[sel, "_i"]]
-    table["fit_seconds"] = [float(np.mean(final_fit[(k, pairs[i])])) if (k, pairs[i]) in final_fit else np.nan
+    for k in plan.shots:
+        have = [i for i, p in enumerate(plan.pairs) if all((k, s, p) in final.predictions for s in plan.seeds)]
+        if not have:
+            continue
+        groups = [(final.predictions[(k, s, plan.pairs[have[0]])][0],
+                   np.stack([final.predictions[(k, s, plan.pairs[i])][1] for i in have])) for s in plan.seeds]
+        point, treps = bootstrap(groups, plan.dataset.n_classes, plan.metric, plan.n_boot, plan.boot_seed)
+        low, high = interval(treps, plan.confidence)
+        for j, i in enumerate(have):
+            sel = (table["shots"] == k) & (table["_i"] == i)
+            table.loc[sel, "test"] = point[j]
+            table.loc[sel, "test_ci_low"] = low[j]
+            table.loc[sel, "test_ci_high"] = high[j]
+    for (k, (bi, m)), error in final.failed.items():
+        sel = (table["shots"] == k) & (table["candidate"] == f"{m} · {plan.labels[bi]}")
+        table.loc[sel, "error"] = error
+
+
+# -- the report ---------------------------------------------------------------------------------------
+
+def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, out: Path) -> Recommendation:
+    """The final table (sorted: per K, best rank first), the design record and the plain-language summary."""
+    table = evidence.table
+    table["fit_seconds"] = [float(np.mean(final.fit_seconds[(k, plan.pairs[i])]))
+                            if (k, plan.pairs[i]) in final.fit_seconds else np.nan
                             for k, i in zip(table["shots"], table["_i"])]
     table = table.drop(columns=["_i"]).sort_values(["shots", "rank", "chosen", "candidate"],
                                                    ascending=[True, True, False, True]).reset_index(drop=True)
     table["rank"] = table["rank"].astype(int)
-
-    record = chosen_run.record["method"]
+    target = plan.target
+    best_bi, best_m = plan.pairs[evidence.best]
+    record = final.chosen_run.record["method"]
     fit_choices = {k: v for k, v in record.get("fit_info", {}).items()
                    if isinstance(v, (int, float, str, bool)) or v is None}
     chosen_row = table[(table["shots"] == target) & table["chosen"]].iloc[0]
-    n_pool = int(np.mean([len(sp.train_ids) + len(sp.val_ids) for (k, _), sp in splits.items() if k == target]))
-    design = {"rule": rule, "choice_by_rule": choice_by_rule, "seeds": seed_list, "resplits": resplits,
-              "holdout": holdout, "n_boot": n_boot,
-              "boot_seed": boot_seed, "n_classes": dataset.n_classes, "labelled_images": n_pool,
-              "held_out_images": int(np.mean([len(y) for y, _ in held_scores[target]])),
-              "groups_label": f"{len(seed_list)} seed(s) × {resplits} re-split(s) ({folds_for(holdout)}-fold)",
-              "notes": caught_notes,
-              "out_dir": str(out), "selection_seconds": selection_seconds, "refit_test_seconds": refit_seconds}
+    n_pool = int(np.mean([len(sp.train_ids) + len(sp.val_ids) for (k, _), sp in plan.splits.items() if k == target]))
+    design = {"rule": plan.rule, "choice_by_rule": evidence.choice_by_rule, "seeds": plan.seeds,
+              "resplits": plan.resplits, "holdout": plan.holdout, "n_boot": plan.n_boot,
+              "boot_seed": plan.boot_seed, "n_classes": plan.dataset.n_classes, "labelled_images": n_pool,
+              "held_out_images": int(np.mean([len(y) for y, _ in nested.groups[target]])),
+              "groups_label": f"{len(plan.seeds)} seed(s) × {plan.resplits} re-split(s) "
+                              f"({folds_for(plan.holdout)}-fold)",
+              "notes": nested.notes,
+              "out_dir": str(out), "selection_seconds": nested.seconds, "refit_test_seconds": final.seconds}
     result = Recommendation(
-        dataset=dataset.name, metric=metric, shots=target, budget=budget, backbone=labels_[best_bi], method=best_m,
-        params=dict(record.get("config", {})), fit_choices=fit_choices, estimate=float(chosen_row["estimate"]),
-        ci_low=float(chosen_row["ci_low"]), ci_high=float(chosen_row["ci_high"]), confidence=confidence,
-        table=table, pairwise=pairwise, model_dir=model_dir, summary="", excluded=excluded, design=design)
+        dataset=plan.dataset.name, metric=plan.metric, shots=target, budget=plan.budget,
+        backbone=plan.labels[best_bi], method=best_m, params=dict(record.get("config", {})), fit_choices=fit_choices,
+        estimate=float(chosen_row["estimate"]), ci_low=float(chosen_row["ci_low"]),
+        ci_high=float(chosen_row["ci_high"]), confidence=plan.confidence, table=table, pairwise=evidence.pairwise,
+        model_dir=final.model_dir, summary="", excluded=plan.excluded, design=design,
+        failed={plan.name(i): e for i, e in nested.failed.items()})
     result.summary = summary_text(result)
     return result
+
+
+def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: int | Sequence[int] = 4,
+              seeds: Sequence[int] = (1, 2, 3), budget: str = "minutes", metric: str | None = None, *,
+              method_params: dict | None = None, resplits: int = 3, holdout: float = 1 / 3, n_boot: int = 2000,
+              confidence: float = 0.95, boot_seed: int = 0, out_dir=None, split_dir=None, cache_dir=None,
+              templates: Sequence[str] | None = None, device: str = "auto", score_test: bool = True,
+              rule: str = "mean") -> Recommendation:
+    """Recommend a (backbone, method) for ``dataset`` from its labelled K-shot data (see the module docstring).
+
+    ``dataset``: a :class:`~workbench.data.Dataset` or anything ``wb.load_dataset`` takes.
+    ``backbones``: one or several :class:`~workbench.backbones.Backbone` objects or names
+    (``"name"`` or ``("name", "pretrained")``). ``methods``: candidate names (default: every
+    registered method whose expected cost fits ``budget``). ``shots``: one K or several (the
+    choice is made at the largest; the others draw the curve). ``metric``: default the dataset's
+    primary metric. ``out_dir``: where the runs' provenance and the chosen model go (default: a
+    new temporary folder). ``score_test=False`` skips phase 2 for the non-chosen candidates.
+    ``rule``: how the held-out evidence decides, one of :data:`RULES` (see
+    :func:`selection_scores`); every rule's choice is also computed and kept in
+    ``design["choice_by_rule"]`` (cheap: the fits are shared).
+
+    A candidate whose fit raises is named in a warning, left out of the choice and listed last
+    in the ranking with its error (``table["error"]``, ``Recommendation.failed``); features that
+    are NaN or inf stop with :class:`NonFiniteFeatures` naming the images.
+    """
+    plan = _plan(dataset, backbones, methods, shots, seeds, budget, metric, method_params=method_params,
+                 resplits=resplits, holdout=holdout, n_boot=n_boot, confidence=confidence, boot_seed=boot_seed,
+                 split_dir=split_dir, cache_dir=cache_dir, templates=templates, device=device, rule=rule)
+    nested = nested_selection(plan)                  # phase 1: support + validation only
+    evidence = weigh_evidence(plan, nested)          # the choice is fixed here
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="workbench-recommend-"))
+    final = refit_and_test(plan, nested, evidence, out, score_test)   # phase 2: the test split, once
+    if score_test:
+        score_test_split(plan, evidence.table, final)
+    else:
+        for col in ("test", "test_ci_low", "test_ci_high"):
+            evidence.table[col] = np.nan
+    return _report(plan, nested, evidence, final, out)
 
 
 def summary_text(rec: Recommendation) -> str:
@@ -759,6 +1020,9 @@ def summary_text(rec: Recommendation) -> str:
                      f"{SIGNIFICANT}).")
     if len(worse) and len(tied):
         parts.append(f"{len(worse)} other candidate(s) are significantly worse.")
+    if rec.failed:
+        parts.append("Failed, so left out of the choice: " + "; ".join(f"{c} ({e})" for c, e in rec.failed.items())
+                     + ".")
     if not np.isnan(chosen["test"]):
         best_test = at_k.sort_values("test", ascending=False).iloc[0]
         parts.append(f"On the test split, scored once after the choice, it reaches {100 * chosen['test']:.1f}%"
