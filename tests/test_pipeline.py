@@ -13,11 +13,18 @@ from workbench.features import resolve_num_workers
 
 
 def test_auto_workers_only_on_an_accelerator_for_encodes_of_several_batches_and_never_in_a_daemon(monkeypatch):
-    monkeypatch.setattr(features_module.os, "cpu_count", lambda: 16)
+    import workbench.distributed as distributed
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed.os, "cpu_count", lambda: 64)   # the machine's count is not what we may use
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     assert resolve_num_workers("auto", 100, 64) == 0           # under two batches: not worth starting workers
     assert resolve_num_workers("auto", 1000, 64) == 8           # capped, one core left to the main process
     assert resolve_num_workers("auto", 1000, 64, "cpu") == 0    # a CPU encoder needs the cores itself
-    monkeypatch.setattr(features_module.os, "cpu_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")                 # four torchrun ranks share the 16 cores
+    assert resolve_num_workers("auto", 1000, 64) == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setattr(distributed.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert resolve_num_workers("auto", 1000, 64) == 1
     assert resolve_num_workers(3, 10, 64, "cpu") == 3            # an explicit number is obeyed
     monkeypatch.setattr(multiprocessing.current_process(), "daemon", True, raising=False)

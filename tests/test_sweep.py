@@ -215,3 +215,15 @@ def test_names_that_would_move_a_file_outside_output_dir_are_refused(tmp_path, m
                                  {"output_dir": str(out), "device": "cpu", "shots": [1], "seeds": [1]})
     assert result["status"] == "failed" and "'../../escaped' is not a usable name" in result["error"]
     assert not list(tmp_path.rglob("*escaped*"))
+
+
+def test_a_cell_clears_the_caches_augmented_views_when_it_ends(tmp_path, monkeypatch):
+    from workbench.features import FeatureCache
+    from workbench.sweep import cell as sweep_cell
+
+    cleared = []
+    monkeypatch.setattr(FeatureCache, "clear_views", lambda self: cleared.append(self) or 0)
+    out = tmp_path / "out"
+    result = sweep_cell.run_cell(cells(SweepSpec(**SMALL, output_dir=str(out)))[0],
+                                 {"output_dir": str(out), "device": "cpu", "shots": [1], "seeds": [1]})
+    assert result["status"] == "done" and len(cleared) == 1

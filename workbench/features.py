@@ -60,6 +60,7 @@ from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from .data.dataset import Dataset, Reader, Sample
 from .data.images import UnreadableImage
+from .distributed import decoder_budget
 from .errors import BackboneError, ConfigError
 from .progress import progress
 
@@ -271,7 +272,8 @@ def resolve_num_workers(num_workers: int | str, n_items: int, batch_size: int, d
     if num_workers == "auto":
         if device_type == "cpu" or n_items < 2 * batch_size or multiprocessing.current_process().daemon:
             return 0  # the CPU is the encoder's; a batch or two is not worth starting workers; daemons may not fork
-        return min(MAX_AUTO_WORKERS, max(1, (os.cpu_count() or 1) - 1))
+        # this process's share of the cores it may run on (affinity, torchrun ranks), not os.cpu_count()
+        return max(1, min(MAX_AUTO_WORKERS, decoder_budget()))
     return int(num_workers)
 
 

@@ -131,18 +131,21 @@ def run_cell(cell: dict, settings: dict) -> dict:
             check_name(dataset.name, f"dataset {cell['dataset']!r}: its name")   # run folders are named by it
             _pool(cache, dataset, settings)  # a disk hit after encode_pools: slices serve every request below
             before = cache.stats["images_encoded"]
-            if cell.get("protocol") == "base_to_new":
-                from ..protocols import base_to_new_row
+            try:
+                if cell.get("protocol") == "base_to_new":
+                    from ..protocols import base_to_new_row
 
-                row = base_to_new_row(dataset, backbone, cell["method"], cell["shots"], cell["seed"], cache=cache,
-                                      templates=cell["templates"], method_params=cell["params"] or None,
-                                      split_dir=Path(settings["output_dir"]) / "splits",
-                                      out_dir=settings["output_dir"])
-            else:
-                row = run_experiment(dataset, backbone, cell["method"], cell["shots"], cell["seed"], cache=cache,
-                                     templates=cell["templates"], method_params=cell["params"] or None,
-                                     split_dir=Path(settings["output_dir"]) / "splits", out_dir=settings["output_dir"],
-                                     protocol=cell.get("protocol", "default")).row
+                    row = base_to_new_row(dataset, backbone, cell["method"], cell["shots"], cell["seed"], cache=cache,
+                                          templates=cell["templates"], method_params=cell["params"] or None,
+                                          split_dir=Path(settings["output_dir"]) / "splits",
+                                          out_dir=settings["output_dir"])
+                else:
+                    row = run_experiment(dataset, backbone, cell["method"], cell["shots"], cell["seed"], cache=cache,
+                                         templates=cell["templates"], method_params=cell["params"] or None,
+                                         split_dir=Path(settings["output_dir"]) / "splits", out_dir=settings["output_dir"],
+                                         protocol=cell.get("protocol", "default")).row
+            finally:
+                cache.clear_views()   # augmented views are this cell's alone; eval features and pools stay
             encoded = cache.stats["images_encoded"] - before
         row = {**row, "method_label": cell["method_label"], "cell_id": cell["cell_id"], "device": label or device,
                "worker": _worker_name()}
