@@ -1,0 +1,241 @@
+"""Nothing runs from data, nothing finished is lost (issue 20) and the checkpoint items of issue 27."""
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+from workbench import training
+
+
+def _batches(epoch, gen):
+    yield torch.ones(1, 2)
+
+
+def _train(module, tmp_path, loss_fn=None, **kw):
+    cfg = training.TrainConfig(epochs=kw.pop("epochs", 2), checkpoint_every=1, lr=kw.pop("lr", 1e-3),
+                               optimizer=kw.pop("optimizer", "adamw"))
+    return training.train(module, loss_fn or (lambda b: module(b).sum()), _batches, cfg,
+                          device=torch.device("cpu"), checkpoint_dir=tmp_path, identity={"run": "r"},
+                          show_progress=False, **kw)
+
+
+def _ckpt(tmp_path):
+    return training.checkpoint_folder(tmp_path, {"run": "r"}) / training.CHECKPOINT_NAME
+
+
+# -- checkpoints cannot run code, are checked before any tensor is read ------------------------------
+
+class _Payload:
+    """Pickles to a call that writes ``marker``: what a swapped checkpoint could run when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"import pathlib; pathlib.Path({self.marker!r}).write_text('ran')",))
+
+
+def test_checkpoint_is_safetensors_plus_json_and_resumes_exactly(tmp_path):
+    torch.manual_seed(0)
+    full = nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+    torch.manual_seed(0)
+    part = nn.Sequential(nn.Linear(2, 4), nn.Dropout(0.5), nn.Linear(4, 1))
+    torch.manual_seed(1)
+    _train(full, tmp_path / "a", epochs=4)
+    torch.manual_seed(1)
+    _train(part, tmp_path / "b", epochs=4, stop_after_epoch=2)
+    torch.manual_seed(123)   # the resumed run must restore the RNG from the file, not use this one
+    history = _train(part, tmp_path / "b", epochs=4)
+    assert history["resumed_from_epoch"] == 2
+    for a, b in zip(full.parameters(), part.parameters()):
+        assert torch.equal(a, b)
+    path = _ckpt(tmp_path / "b")
+    assert path.read_bytes()[:8] != b"\x80\x04\x95" and not list(tmp_path.rglob("*.pt"))
+    meta = training.read_checkpoint_header(path)
+    assert meta["format"] == training.CHECKPOINT_FORMAT and meta["precision"] == "fp32"
+    assert meta["device_type"] == "cpu" and meta["identity"] == {"run": "r"} and meta["step"] == 4
+
+
+def test_no_workbench_module_unpickles():
+    import pathlib
+
+    root = pathlib.Path(training.__file__).parent
+    offenders = [str(p) for p in root.rglob("*.py") if "weights_only=False" in p.read_text()
+                 or "allow_pickle=True" in p.read_text() or "pickle.load" in p.read_text()]
+    assert offenders == []
+
+
+def test_swapped_pickle_checkpoint_is_never_unpickled(tmp_path):
+    module = nn.Linear(2, 1)
+    folder = training.checkpoint_folder(tmp_path, {"run": "r"})
+    folder.mkdir(parents=True)
+    marker = tmp_path / "marker"
+    (folder / "last.pt").write_bytes(pickle.dumps(_Payload(marker)))   # the old name, a code-running pickle
+    with pytest.warns(UserWarning, match="old pickle format, which is never read"):
+        history = _train(module, tmp_path)
+    assert history["resumed_from_epoch"] is None and not marker.exists()
+    # the same bytes under the new name: refused from the header, nothing executed
+    _ckpt(tmp_path).write_bytes((folder / "last.pt").read_bytes())
+    (folder / "last.pt").unlink()
+    with pytest.raises(training.CheckpointError, match="truncated or not a workbench checkpoint"):
+        _train(module, tmp_path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("cut", [0, 7, -5])
+def test_truncated_or_empty_checkpoint_is_a_clear_error_naming_the_file(tmp_path, cut):
+    module = nn.Linear(2, 1)
+    _train(module, tmp_path)
+    path = _ckpt(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(training.CheckpointError, match=str(path).replace("\\", "\\\\") + ".*(empty|truncated)"):
+        _train(module, tmp_path, epochs=3)
+
+
+def test_identity_is_checked_before_any_tensor_is_read(tmp_path, monkeypatch):
+    module = nn.Linear(2, 1)
+    _train(module, tmp_path)
+    header = training.read_checkpoint_header(_ckpt(tmp_path))
+    header["identity"] = {"run": "someone else"}
+    tensors = training.read_checkpoint_tensors(_ckpt(tmp_path))
+    training._write_checkpoint(tensors, header, _ckpt(tmp_path))
+    read = []
+    monkeypatch.setattr(training, "read_checkpoint_tensors", lambda p: read.append(p))
+    with pytest.raises(training.CheckpointError, match="belongs to another run"):
+        _train(module, tmp_path)
+    assert read == []
+
+
+def test_checkpoint_write_failure_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    module = nn.Linear(2, 1)
+    _train(module, tmp_path, epochs=3, stop_after_epoch=1)
+    before = _ckpt(tmp_path).read_bytes()
+    import safetensors.torch
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(training.CheckpointError, match=r"cannot write the checkpoint .*last\.safetensors.*No space"):
+        _train(module, tmp_path, epochs=3)
+    assert _ckpt(tmp_path).read_bytes() == before
+    assert [p.name for p in _ckpt(tmp_path).parent.iterdir() if p.name.startswith(".ckpt")] == []
+
+
+# -- precision in the identity; never an empty scaler state (issue 27) ---------------------------------
+
+def test_other_precision_starts_fresh_with_a_warning(tmp_path):
+    module = nn.Linear(2, 1)
+    _train(module, tmp_path, precision="amp_bf16")
+    with pytest.warns(UserWarning, match="precision 'amp_bf16' on 'cpu'; this run uses 'fp32'.*starts fresh"):
+        history = _train(module, tmp_path)
+    assert history["resumed_from_epoch"] is None
+    assert training.read_checkpoint_header(_ckpt(tmp_path))["precision"] == "fp32"
+
+
+def test_fp16_resume_from_a_checkpoint_written_without_a_scaler(tmp_path, monkeypatch):
+    module = nn.Linear(2, 1)
+    _train(module, tmp_path, precision="amp_fp16", epochs=3, stop_after_epoch=1)   # CPU: no scaler, state {}
+    assert training.read_checkpoint_header(_ckpt(tmp_path))["scaler"] == {}
+    # the same run resumed where fp16 has a gradient scaler (CUDA; an enabled CPU scaler stands in for it)
+    monkeypatch.setattr(training, "_grad_scaler", lambda d, p: torch.amp.GradScaler("cpu", enabled=True))
+    monkeypatch.setattr(training, "autocast_context", lambda d, p: __import__("contextlib").nullcontext())
+    history = _train(module, tmp_path, precision="amp_fp16", epochs=3)
+    assert history["resumed_from_epoch"] == 1 and history["steps"] == 3
+
+
+class _FakeCuda:
+    """Two 'GPUs' whose generator states are tensors the test can see."""
+
+    def __init__(self, states):
+        self.states = [s.clone() for s in states]
+        self.set_calls = []
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return len(self.states)
+
+    def get_rng_state_all(self):
+        return [s.clone() for s in self.states]
+
+    def set_rng_state_all(self, states):
+        self.set_calls.append([s.clone() for s in states])
+
+
+def test_cuda_generator_states_are_saved_and_restored(tmp_path, monkeypatch):
+    module = nn.Linear(2, 1)
+    saved = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    fake = _FakeCuda(saved)
+    monkeypatch.setattr(training, "_cuda_rng_states", lambda: fake.get_rng_state_all())
+    _train(module, tmp_path, epochs=3, stop_after_epoch=1)
+    meta = training.read_checkpoint_header(_ckpt(tmp_path))
+    assert meta["cuda_generators"] == 2
+    # resumed on a (faked) CUDA device: both generators get the saved states back
+    monkeypatch.setattr(torch, "cuda", fake)
+    monkeypatch.setattr(training.torch, "cuda", fake)
+    try:
+        training.train(module, lambda b: module(b).sum(), _batches,
+                       training.TrainConfig(epochs=3, checkpoint_every=1), device=torch.device("cuda"),
+                       checkpoint_dir=tmp_path, identity={"run": "r"}, show_progress=False, stop_after_epoch=1)
+    except Exception:
+        pass   # a step on the fake "cuda" device may fail: only the restore before it matters here
+    assert len(fake.set_calls) == 1 and all(torch.equal(a, b) for a, b in zip(fake.set_calls[0], saved))
+
+
+# -- the NaN guard: parameters too; fp16 skipped steps counted ------------------------------------------
+
+def test_non_finite_parameters_after_the_last_step_stop_with_step_and_hint(tmp_path):
+    module = nn.Linear(2, 1)
+    with pytest.raises(training.TrainingDiverged, match=r"parameters became NaN or infinite at step 0 .*learning rate"):
+        training.train(module, lambda b: module(b).sum() * 1e10, _batches,
+                       training.TrainConfig(epochs=1, optimizer="sgd", lr=1e30, momentum=0.0, weight_decay=0.0),
+                       device=torch.device("cpu"), show_progress=False)
+
+
+def _fp16_scaler(monkeypatch):
+    monkeypatch.setattr(training, "_grad_scaler", lambda d, p: torch.amp.GradScaler("cpu", enabled=True))
+    monkeypatch.setattr(training, "autocast_context", lambda d, p: __import__("contextlib").nullcontext())
+
+
+class _OverflowingGrad(torch.autograd.Function):
+    """Identity forward (a finite loss), an infinite gradient backward: an fp16 overflow at any scale."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_scaler_skipped_steps_are_counted_not_fatal(monkeypatch):
+    _fp16_scaler(monkeypatch)
+    module = nn.Linear(2, 1)
+    calls = {"n": 0}
+
+    def loss_fn(batch):   # finite loss, overflowing gradients on the first two steps
+        calls["n"] += 1
+        out = module(batch).sum()
+        return _OverflowingGrad.apply(out) if calls["n"] <= 2 else out
+
+    history = training.train(module, loss_fn, _batches, training.TrainConfig(epochs=5), device=torch.device("cpu"),
+                             precision="amp_fp16", show_progress=False)
+    assert history["steps"] == 5 and history["skipped_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_persistent_scaler_skips_stop_the_run(monkeypatch):
+    _fp16_scaler(monkeypatch)
+    module = nn.Linear(2, 1)
+    with pytest.raises(training.TrainingDiverged, match=r"overflowed at 25 steps in a row.*bf16 or fp32"):
+        training.train(module, lambda b: _OverflowingGrad.apply(module(b).sum()), _batches, training.TrainConfig(epochs=40),
+                       device=torch.device("cpu"), precision="amp_fp16", show_progress=False)
