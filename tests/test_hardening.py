@@ -239,3 +239,72 @@ def test_persistent_scaler_skips_stop_the_run(monkeypatch):
     with pytest.raises(training.TrainingDiverged, match=r"overflowed at 25 steps in a row.*bf16 or fp32"):
         training.train(module, lambda b: _OverflowingGrad.apply(module(b).sum()), _batches, training.TrainConfig(epochs=40),
                        device=torch.device("cpu"), precision="amp_fp16", show_progress=False)
+
+
+# -- one safe YAML reader ------------------------------------------------------------------------------
+
+from workbench import domains, safe_yaml  # noqa: E402
+from workbench.errors import ConfigError  # noqa: E402
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 10)}]\n" for i in range(8))
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)   # 10**9 values once expanded
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"bomb\.yaml: its anchors and aliases expand to more than 100000"):
+        safe_yaml.load_yaml(path, what="sweep spec")
+    assert time.perf_counter() - t0 < 2.0
+    # the same file as a dataset YAML: refused by the same reader
+    with pytest.raises(ConfigError, match="dataset YAML .*bomb.yaml.*alias"):
+        domains.load_spec(path)
+
+
+def test_a_few_aliases_still_load(tmp_path):
+    path = tmp_path / "ok.yaml"
+    path.write_text("base: &b {lr: 0.001, epochs: 2}\nruns: [*b, *b]\n")
+    assert safe_yaml.load_yaml(path) == {"base": {"lr": 0.001, "epochs": 2}, "runs": [{"lr": 0.001, "epochs": 2}] * 2}
+
+
+def test_recursive_alias_and_oversized_files_are_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("a: &a [1, *a]\n")
+    with pytest.raises(ConfigError, match="recursive"):
+        safe_yaml.load_yaml(path)
+    big = tmp_path / "big.yaml"
+    big.write_text("x: " + "a" * (safe_yaml.MAX_BYTES + 10) + "\n")
+    with pytest.raises(ConfigError, match=r"big\.yaml is \d+ bytes, over the 1000000-byte limit"):
+        safe_yaml.load_yaml(big, what="sweep spec")
+
+
+def test_python_tags_and_syntax_errors_name_file_and_line(tmp_path):
+    marker = tmp_path / "ran"
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("datasets: [whu_rs19_mini]\nmethods: [zero_shot]\n"
+                    f"out: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"sweep spec .*sweep\.yaml, line 3.*python.*refused, for safety"):
+        safe_yaml.load_yaml(spec, what="sweep spec")
+    assert not marker.exists()
+    spec.write_text("datasets: [whu_rs19_mini\nmethods: zero_shot\n")
+    with pytest.raises(ConfigError, match=r"sweep\.yaml, line \d+, column \d+: not valid YAML"):
+        safe_yaml.load_yaml(spec, what="sweep spec")
+
+
+def test_a_sweep_like_spec_loads_as_plain_data(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text("datasets: [whu_rs19_mini, data/my_images/]\n"
+                    "methods: [zero_shot, {name: tip_adapter, params: {init_alpha: 2.0}}]\n"
+                    "shots: [1, 2]\nseeds: [1]\nbackbone: workbench-tiny\n")
+    data = safe_yaml.load_yaml(spec, what="sweep spec")
+    assert data["methods"][1] == {"name": "tip_adapter", "params": {"init_alpha": 2.0}} and data["shots"] == [1, 2]
+
+
+def test_backbone_list_is_read_through_the_safe_reader(tmp_path, monkeypatch):
+    (tmp_path / "backbones.yaml").write_text(BOMB)
+    monkeypatch.setattr(domains, "domains_dir", lambda: tmp_path)
+    with pytest.raises(ConfigError, match="backbone list .*backbones.yaml.*alias"):
+        domains.backbone_recipes()

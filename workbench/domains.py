@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .data.dataset import Dataset
 from .errors import ConfigError, DataError, did_you_mean
 from .paths import repo_root
+from .safe_yaml import load_yaml
 from .task_kinds import kind_names, task_kind
 
 TOP_KEYS = {
@@ -246,10 +246,7 @@ def spec_path(name_or_path: str | Path) -> Path:
 
 def load_spec(name_or_path: str | Path) -> dict:
     path = spec_path(name_or_path)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    spec = load_yaml(path, what="dataset YAML")
     spec = validate_spec(spec, str(path))
     spec["_file"] = str(path)
     return spec
@@ -524,7 +521,9 @@ BACKBONE_KEYS = {"name": str, "pretrained": str, "domains": builtins.list, "lice
 def backbone_recipes() -> dict:
     """``domains/backbones.yaml``: alias -> loading recipe, validated."""
     path = domains_dir() / "backbones.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, what="backbone list") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping alias -> recipe, got {type(data).__name__}.")
     for alias, recipe in data.items():
         if not isinstance(recipe, dict):
             raise _err(path, alias, "a mapping", recipe)
