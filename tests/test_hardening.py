@@ -308,3 +308,37 @@ def test_backbone_list_is_read_through_the_safe_reader(tmp_path, monkeypatch):
     monkeypatch.setattr(domains, "domains_dir", lambda: tmp_path)
     with pytest.raises(ConfigError, match="backbone list .*backbones.yaml.*alias"):
         domains.backbone_recipes()
+
+
+# -- names are not paths ---------------------------------------------------------------------------------
+
+from workbench.paths import safe_name  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["../../../x", "/etc/passwd", "a/../../b", ".hidden", "..", "c:\\win", "x\x00y",
+                                  "a" * 400])
+def test_safe_name_is_one_component_inside_its_root(tmp_path, name):
+    out = safe_name(name, "dataset name")
+    assert "/" not in out and "\\" not in out and not out.startswith(".") and len(out) <= 120
+    assert (tmp_path / out).resolve().parent == tmp_path.resolve()
+
+
+def test_safe_name_keeps_plain_names_and_hub_ids_and_never_merges_two_names():
+    assert safe_name("whu_rs19_mini") == "whu_rs19_mini" and safe_name("user/set") == "user__set"
+    assert safe_name("a b") != safe_name("a_b") and safe_name("a?b") != safe_name("a*b")
+    with pytest.raises(ConfigError, match="dataset name must be a non-empty string"):
+        safe_name("", "dataset name")
+
+
+def test_a_dataset_named_like_a_path_writes_only_inside_out_dir_and_split_dir(tmp_path, backbone, quiet):
+    import workbench as wb
+    from workbench.data import synthetic_shapes
+
+    ds = synthetic_shapes(2, train_per_class=3, val_per_class=1, test_per_class=2, image_size=32)
+    ds.name = "../../escaped"
+    out, splits = tmp_path / "deep" / "out", tmp_path / "deep" / "splits"
+    run = wb.run_experiment(ds, backbone, "zero_shot", 1, 1, out_dir=out, split_dir=splits)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(out in p.parents or splits in p.parents for p in written), written
+    assert (out / "runs" / run.row["run_id"] / "provenance.json").is_file()
+    assert "/" not in run.row["run_id"] and run.row["dataset"] == "../../escaped"   # the row keeps the real name

@@ -285,7 +285,9 @@ def _record(out_dir, run_id: str) -> dict:
     import json
     from pathlib import Path
 
-    path = Path(out_dir) / "runs" / run_id / "provenance.json"
+    from .paths import safe_name
+
+    path = Path(out_dir) / "runs" / safe_name(run_id, "run id") / "provenance.json"
     if not path.is_file():
         raise ConfigError(f"no provenance record for run {run_id!r} in {str(out_dir)!r}.")
     return json.loads(path.read_text())

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..paths import safe_name
 from .dataset import Dataset, Sample
 
 SPLIT_FORMAT = 1
@@ -212,7 +213,7 @@ def sample_few_shot(dataset: Dataset, shots: int | None, seed: int, *, val_shots
     val_shots = default_val if val_shots is None else _as_int(val_shots, "val_shots", minimum=0)
     path = None
     if split_dir is not None:
-        path = Path(split_dir) / dataset.name.replace("/", "__") / f"{name}_seed{seed}_val{val_shots}.json"
+        path = Path(split_dir) / safe_name(dataset.name, "dataset name") / f"{name}_seed{seed}_val{val_shots}.json"
         if path.exists():
             split = FewShotSplit.load(path)
             if split.fingerprint != dataset.fingerprint():
