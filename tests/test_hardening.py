@@ -342,3 +342,185 @@ def test_a_dataset_named_like_a_path_writes_only_inside_out_dir_and_split_dir(tm
     assert written and all(out in p.parents or splits in p.parents for p in written), written
     assert (out / "runs" / run.row["run_id"] / "provenance.json").is_file()
     assert "/" not in run.row["run_id"] and run.row["dataset"] == "../../escaped"   # the row keeps the real name
+
+
+# -- saved models never reach the network or a file outside their folder ----------------------------------
+
+import numpy as np  # noqa: E402
+
+import workbench as wb  # noqa: E402
+from workbench import backbones, predictor  # noqa: E402
+from workbench.data.images import UnreadableImage  # noqa: E402
+from workbench.errors import DataError, WorkbenchError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def saved_model(backbone, tmp_path_factory):
+    from workbench.data import synthetic_shapes
+    from workbench.data.sampling import sample_few_shot
+    from workbench.features import FeatureCache
+    from workbench.task import FewShotTask
+
+    ds = synthetic_shapes(2, train_per_class=3, val_per_class=2, test_per_class=1, image_size=32)
+    task = FewShotTask(ds, sample_few_shot(ds, 2, 1), backbone, FeatureCache(backbone, None, show_progress=False))
+    method = wb.get_method("linear_probe").fit(task)
+    return wb.Predictor(backbone, method).save(tmp_path_factory.mktemp("saved") / "model")
+
+
+def _with_recipe(saved, tmp_path, **backbone_spec):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved, folder)
+    meta = json.loads((folder / "predictor.json").read_text())
+    meta["backbone"].update(backbone_spec)
+    (folder / "predictor.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_saved_model_naming_a_url_never_downloads(saved_model, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(backbones, "_download_url", lambda url, dest: calls.append(url))
+    folder = _with_recipe(saved_model, tmp_path, pretrained="url-zip:http://attacker.example/x.zip#w.pt")
+    with pytest.raises(ConfigError, match=r"download its weights from 'http://attacker.example/x.zip'.*pretrained="):
+        wb.load(folder)
+    assert calls == []
+
+
+def test_saved_model_naming_a_file_outside_its_folder_is_refused(saved_model, tmp_path):
+    for weights in ("/etc/hostname.pt", "../../outside.pt", "url-zip:http://h/x.zip#/etc/hostname"):
+        folder = _with_recipe(saved_model, tmp_path / str(abs(hash(weights))), pretrained=weights)
+        with pytest.raises(ConfigError, match="outside the folder and your cache|never reaches the network"):
+            wb.load(folder)
+    folder = _with_recipe(saved_model, tmp_path / "dir", name="local-dir:/etc")
+    with pytest.raises(ConfigError, match="outside the folder and your cache"):
+        wb.load(folder)
+
+
+def test_saved_recipe_allows_what_a_user_could_type_and_stays_inside(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    assert predictor.saved_backbone_recipe(folder, {"name": "workbench-tiny", "pretrained": None}) == \
+        ("workbench-tiny", None)
+    assert predictor.saved_backbone_recipe(folder, {"name": "ViT-B-32", "pretrained": "openai"}) == \
+        ("ViT-B-32", "openai")
+    (folder / "w.pt").write_bytes(b"")
+    assert predictor.saved_backbone_recipe(folder, {"name": "ViT-B-32", "pretrained": "w.pt"})[1] == str(folder / "w.pt")
+    # explicit: the user's own choice is followed
+    assert predictor.saved_backbone_recipe(folder, {"name": "ViT-B-32", "pretrained": "/x/y.pt"},
+                                           pretrained="/x/y.pt") == ("ViT-B-32", "/x/y.pt")
+    with pytest.raises(ConfigError, match="hf-hub:ORG/REPO"):
+        predictor.saved_backbone_recipe(folder, {"name": "hf-hub:a/../../b", "pretrained": None})
+
+
+def test_url_zip_member_must_be_a_file_name_and_offline_means_no_download(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(backbones, "_download_url", lambda url, dest: calls.append(url))
+    with pytest.raises(wb.BackboneError, match="plain file name inside the archive"):
+        backbones._zip_checkpoint("url-zip:https://h/x.zip#/etc/hostname", tmp_path)
+    with pytest.raises(wb.BackboneError, match="plain file name"):
+        backbones._zip_checkpoint("url-zip:https://h/x.zip#../x.pt", tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(wb.BackboneError, match="HF_HUB_OFFLINE=1 is set: no download"):
+        backbones._zip_checkpoint("url-zip:https://h/x.zip#w.pt", tmp_path)
+    assert calls == []
+
+
+def test_pickled_peft_adapter_is_refused_clearly(tmp_path):
+    from workbench.towers.lora import load_lora
+
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(pickle.dumps({"x": 1}))
+    with pytest.raises(ConfigError, match="adapter_model.bin, a pickled file .*not loaded, for safety"):
+        load_lora(nn.Linear(2, 2), tmp_path)
+
+
+def test_unknown_key_in_method_json_names_key_and_version(saved_model, tmp_path):
+    import shutil
+
+    from workbench.methods.base import Method
+
+    folder = tmp_path / "m"
+    shutil.copytree(saved_model / "method", folder)
+    meta = json.loads((folder / "method.json").read_text())
+    meta["config"]["future_knob"] = 3
+    meta["workbench_version"] = "9.9.0"
+    (folder / "method.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"setting 'future_knob'.*this workbench version \(0\.1\.0\).*workbench 9\.9\.0"):
+        Method.load(folder)
+
+
+def test_manifest_naming_a_file_outside_the_folder_is_refused(saved_model, tmp_path):
+    folder = _with_recipe(saved_model, tmp_path)
+    meta = json.loads((folder / "predictor.json").read_text())
+    meta["files"]["../../../etc/passwd"] = {"bytes": 1, "sha256": "0"}
+    (folder / "predictor.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="a file outside the folder"):
+        wb.load(folder)
+
+
+# -- predict() refuses what it cannot answer ---------------------------------------------------------------
+
+def test_predict_refuses_none_folders_and_non_finite_images(saved_model, tmp_path):
+    model = wb.load(saved_model)
+    with pytest.raises(ConfigError, match="predict\\(\\) got None"):
+        model.predict(None)
+    with pytest.raises(ConfigError, match="is None"):
+        model.predict([np.zeros((8, 8, 3), np.uint8), None])
+    with pytest.raises(ConfigError, match="is a folder: pass image files or a dataset"):
+        model.predict(tmp_path)
+    with pytest.raises(UnreadableImage, match="image 0 .*64 of 64 pixel values are NaN"):
+        model.predict(np.full((8, 8), np.nan, np.float32))
+    with pytest.raises(UnreadableImage, match="NaN or infinite"):
+        model.predict([np.ones((8, 8, 3), np.float32), np.where(np.eye(8)[..., None] > 0, np.inf, 1.0)])
+    table = model.predict(np.random.default_rng(0).random((8, 8, 3)).astype(np.float32))
+    assert len(table) == 1   # one H x W x C array is one image
+
+
+# -- data: NaN pixels, pickled npz, empty grids, a class folder named test -----------------------------------
+
+def test_nan_pixels_in_a_float_array_source_are_skipped_and_reported(backbone):
+    from workbench.features import FeatureCache
+
+    rng = np.random.default_rng(0)
+    train = rng.random((4, 16, 16, 3)).astype(np.float32)
+    train[1, 3, 3, 0] = np.nan
+    ds = wb.data.from_arrays({"train": train, "test": rng.random((2, 16, 16, 3)).astype(np.float32)},
+                             {"train": np.array([0, 1, 0, 1]), "test": np.array([0, 1])}, name="f", class_names=["a", "b"])
+    with pytest.warns(UserWarning, match="skipped 1 unreadable image"):
+        feats = FeatureCache(backbone, None, show_progress=False).get(ds, ds.split("train"))
+    assert [s["id"] for s in feats.skipped] == ["train/1"] and "NaN" in feats.skipped[0]["reason"]
+    assert len(feats.ids) == 3
+
+
+def test_npz_with_object_arrays_or_a_pickle_says_so(tmp_path):
+    obj = tmp_path / "obj.npz"
+    np.savez(obj, train_images=np.array([np.zeros((2, 2)), "x"], dtype=object), train_labels=np.array([0, 1]))
+    with pytest.raises(DataError, match="object arrays are not loaded, for safety"):
+        wb.data.from_npz(obj)
+    pkl = tmp_path / "pkl.npz"
+    pkl.write_bytes(pickle.dumps({"train_images": 1}))
+    with pytest.raises(DataError, match="object arrays are not loaded, for safety"):
+        wb.data.from_npz(pkl)
+
+
+@pytest.mark.parametrize("method, params", [("gda", {"alphas": []}), ("linear_probe", {"c_grid": []}),
+                                            ("tip_adapter", {"search_step": []}), ("clip_lora", {"params": []})])
+def test_empty_search_grids_are_refused_at_construction(method, params):
+    with pytest.raises(ConfigError, match=f"{method}: {next(iter(params))} is empty; it needs at least one value"):
+        wb.get_method(method, **params)
+
+
+def test_a_test_folder_beside_class_folders_warns_and_names_layout(tmp_path):
+    from PIL import Image
+
+    for cls in ("cat", "dog", "test"):
+        (tmp_path / cls).mkdir()
+        for i in range(2):
+            Image.new("RGB", (8, 8), (i * 50, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    with pytest.warns(UserWarning, match=r"\['test'\] are named like splits .*layout='classes'"):
+        ds = wb.data.from_folder(tmp_path)
+    assert "test" in ds.class_ids
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        wb.data.from_folder(tmp_path, layout="classes")   # explicit: no warning
