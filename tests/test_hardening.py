@@ -524,3 +524,51 @@ def test_a_test_folder_beside_class_folders_warns_and_names_layout(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         wb.data.from_folder(tmp_path, layout="classes")   # explicit: no warning
+
+
+# -- results.csv: nothing finished is lost -------------------------------------------------------------------
+
+import pandas as pd  # noqa: E402
+
+from workbench import results as results_mod  # noqa: E402
+
+
+def _row(cell, acc):
+    return {"cell_id": cell, "run_id": f"r-{cell}", "dataset": "d", "accuracy": acc}
+
+
+def test_missing_final_newline_keeps_the_finished_row(tmp_path):
+    table = results_mod.ResultsTable(tmp_path)
+    table.append(_row("a", 0.5))
+    table.append(_row("b", 0.25))
+    table.path.write_text(table.path.read_text().rstrip("\n"))   # an editor dropped the final newline
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        table.append(_row("c", 0.75))
+    got = pd.read_csv(table.path)
+    assert list(got["cell_id"]) == ["a", "b", "c"] and table.path.read_text().endswith("\n")
+
+
+def test_a_hand_added_row_with_a_comma_is_moved_aside_never_deleted(tmp_path):
+    table = results_mod.ResultsTable(tmp_path)
+    table.append(_row("a", 0.5))
+    bad = "b,r-b,my set, with a comma,0.9\n"
+    table.path.write_text(table.path.read_text() + bad)
+    with pytest.warns(UserWarning, match=r"results.csv, line 3: malformed row.*moved, not deleted, to results.rejected"):
+        table.append(_row("c", 0.75))
+    assert list(pd.read_csv(table.path)["cell_id"]) == ["a", "c"]
+    assert (tmp_path / "results.rejected.csv").read_text() == bad
+
+
+def test_semicolon_table_is_refused_by_resume_and_summarize(tmp_path, capsys):
+    from workbench import cli
+
+    table = results_mod.ResultsTable(tmp_path)
+    table.append(_row("a", 0.5))
+    pd.read_csv(table.path).to_csv(table.path, sep=";", index=False)
+    before = table.path.read_text()
+    with pytest.raises(ConfigError, match=r"results.csv is ;-separated.*not read, so no finished run is recomputed"):
+        table.append(_row("b", 0.1))
+    assert table.path.read_text() == before
+    assert cli.main(["summarize", str(table.path)]) == 2
+    assert ";-separated" in capsys.readouterr().err

@@ -124,7 +124,12 @@ def results_table(path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"results file {str(path)!r} does not exist.")
-    return pd.read_csv(path)
+    from .results import read_table
+
+    table = read_table(path)   # malformed lines named and left out, other separators refused
+    if table.empty:
+        raise ConfigError(f"results file {str(path)!r} holds no rows.")
+    return table
 
 
 def fit_choices(out_dir, methods=None) -> pd.DataFrame:
