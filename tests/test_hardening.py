@@ -572,3 +572,41 @@ def test_semicolon_table_is_refused_by_resume_and_summarize(tmp_path, capsys):
     assert table.path.read_text() == before
     assert cli.main(["summarize", str(table.path)]) == 2
     assert ";-separated" in capsys.readouterr().err
+
+
+# -- full disk / read-only folders: clear errors, older files intact ---------------------------------------
+
+def test_predictor_save_on_a_full_disk_names_the_folder_and_keeps_the_old_one(saved_model, tmp_path, monkeypatch):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(saved_model, folder)
+    before = sorted((p.relative_to(folder), p.read_bytes()) for p in folder.rglob("*") if p.is_file())
+    model = wb.load(folder)
+    real_write = type(folder).write_text
+
+    def full(self, *a, **k):
+        if self.name == "predictor.json":
+            raise OSError(28, "No space left on device", str(self))
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(type(folder), "write_text", full)
+    with pytest.raises(ConfigError, match=r"cannot save the model to .*model'.*No space left.*older model .* intact"):
+        model.save(folder)
+    monkeypatch.undo()
+    assert sorted((p.relative_to(folder), p.read_bytes()) for p in folder.rglob("*") if p.is_file()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]   # no partial folder left
+
+
+def test_split_file_on_a_read_only_split_dir_names_the_path(tmp_path, monkeypatch):
+    from workbench.data import synthetic_shapes
+    from workbench.data.sampling import sample_few_shot
+
+    ds = synthetic_shapes(2, train_per_class=3, val_per_class=2, test_per_class=1, image_size=32)
+
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.mkstemp", read_only)
+    with pytest.raises(ConfigError, match=r"cannot write split file .*shots1_seed1_val1.json.*Permission denied"):
+        sample_few_shot(ds, 1, 1, split_dir=tmp_path / "splits")

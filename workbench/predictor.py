@@ -118,7 +118,18 @@ class Predictor:
 
     def save(self, folder) -> Path:
         """Write the folder atomically: into a hidden sibling renamed at the end, ``predictor.json``
-        last (with the size and SHA-256 of every file), so a half-written folder never looks complete."""
+        last (with the size and SHA-256 of every file), so a half-written folder never looks complete.
+        A failed write (full disk, read-only folder) is a ConfigError naming the folder; an older
+        save there stays intact."""
+        try:
+            return self._save(folder)
+        except OSError as err:
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            raise ConfigError(f"cannot save the model to {str(folder)!r}: {err.strerror or err}{where} (full disk or "
+                              "read-only folder?). An older model saved there is intact; free space or choose "
+                              "another folder.") from None
+
+    def _save(self, folder) -> Path:
         with atomic_folder(folder) as tmp:
             self.method.save(tmp / "method")
             if self.calibration is not None:
