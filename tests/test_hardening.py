@@ -610,3 +610,26 @@ def test_split_file_on_a_read_only_split_dir_names_the_path(tmp_path, monkeypatc
     monkeypatch.setattr("tempfile.mkstemp", read_only)
     with pytest.raises(ConfigError, match=r"cannot write split file .*shots1_seed1_val1.json.*Permission denied"):
         sample_few_shot(ds, 1, 1, split_dir=tmp_path / "splits")
+
+
+# -- a notebook runs on a dataset YAML given by its path -------------------------------------------------------
+
+def test_dataset_yaml_parameter_loads_and_validates_the_file(tmp_path):
+    from workbench.paths import repo_root
+
+    path = sorted(repo_root().glob("domains/*/whu_rs19_mini.yaml"))[0]
+    ds = domains.dataset_from_parameters({"dataset_yaml": str(path.relative_to(repo_root())), "name": ""})
+    assert ds.name == "whu_rs19_mini"
+    hostile = tmp_path / "x.yaml"
+    hostile.write_text(path.read_text() + "\"x = 1; __import__('os').system('touch pwned')  #\": 1\n")
+    with pytest.raises(ConfigError, match="x.yaml: unknown key"):
+        domains.dataset_from_parameters({"dataset_yaml": str(hostile)})
+    with pytest.raises(ConfigError, match="dataset_yaml': expected the path of a dataset YAML"):
+        domains.dataset_from_parameters({"dataset_yaml": "data/images/"})
+
+
+def test_notebook_05_declares_the_dataset_yaml_parameter():
+    from workbench import notebook
+
+    declared = notebook.declared_parameters("05_domains.ipynb")
+    assert "dataset_yaml" in declared

@@ -332,10 +332,22 @@ def load_dataset(name_or_path: str | Path, **overrides) -> Dataset:
 def dataset_from_parameters(namespace: dict) -> Dataset:
     """The dataset a domain notebook's parameters name.
 
-    ``papermill … -f domains/<domain>/<set>.yaml`` injects the YAML's keys (name, domain,
-    source, classes, templates, …) as parameters: then the dataset is built from them. Else
-    ``name`` picks a YAML, and an empty name means the domain's offline dataset.
+    ``dataset_yaml`` (a path, one string: ``papermill … -p dataset_yaml domains/<domain>/<set>.yaml``)
+    is read and validated here, through the one safe YAML reader: the safe way to run a notebook on
+    a YAML. ``papermill … -f <set>.yaml`` instead injects the YAML's keys (name, domain, source,
+    classes, templates, …) as parameters, written into the notebook's code as they are (use it only
+    with your own files); then the dataset is built from them. Else ``name`` picks a YAML, and an
+    empty name means the domain's offline dataset.
     """
+    path = namespace.get("dataset_yaml")
+    if path:
+        if not isinstance(path, str) or Path(path).suffix.lower() not in (".yaml", ".yml"):
+            raise ConfigError(f"parameter 'dataset_yaml': expected the path of a dataset YAML (ending in .yaml), "
+                              f"got {path!r}.")
+        found = Path(path).expanduser()
+        if not found.is_absolute() and not found.exists():
+            found = repo_root() / found   # a notebook's kernel runs in notebooks/
+        return dataset_from_spec(load_spec(found))
     if namespace.get("source") and namespace.get("classes"):
         # the notebook declares every YAML key (so papermill does not warn), empty when no YAML was given
         spec = {k: namespace[k] for k in TOP_KEYS if namespace.get(k) not in (None, "", [], {})}
