@@ -170,6 +170,19 @@ def test_domains_notebook_takes_a_dataset_yaml_with_f(tmp_path):
     assert bad.returncode != 0 and "unknown parameter 'domian'" in bad.stdout + bad.stderr
 
 
+def test_domains_notebook_takes_a_dataset_yaml_path_as_one_string(tmp_path):
+    """The safe way (issue 20): the YAML's path is one string parameter; the workbench reads the file."""
+    out = tmp_path / "out.ipynb"
+    yaml_path = wb.repo_root() / "domains" / "agriculture" / "leaf_disease_synthetic.yaml"
+    cmd = [sys.executable, "-m", "papermill", str(wb.repo_root() / "notebooks" / "05_domains.ipynb"), str(out),
+           "--cwd", str(tmp_path), "-p", "dataset_yaml", str(yaml_path), "-p", "output_dir", str(tmp_path / "results"),
+           "-p", "shots", "1", "-p", "seeds", "1", "-p", "methods", "zero_shot"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    table = pd.read_csv(tmp_path / "results" / "leaf_disease_synthetic" / "results.csv")
+    assert set(table["domain"]) == {"agriculture"} and set(table["method"]) == {"zero_shot"}
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_papermill_documents_every_parameter(path):
     proc = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook", str(path)], capture_output=True,

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .data.dataset import Dataset
 from .errors import ConfigError, DataError, did_you_mean
 from .paths import repo_root
+from .safe_yaml import load_yaml
 from .task_kinds import kind_names, task_kind
 
 TOP_KEYS = {
@@ -246,10 +246,7 @@ def spec_path(name_or_path: str | Path) -> Path:
 
 def load_spec(name_or_path: str | Path) -> dict:
     path = spec_path(name_or_path)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    spec = load_yaml(path, what="dataset YAML")
     spec = validate_spec(spec, str(path))
     spec["_file"] = str(path)
     return spec
@@ -335,10 +332,22 @@ def load_dataset(name_or_path: str | Path, **overrides) -> Dataset:
 def dataset_from_parameters(namespace: dict) -> Dataset:
     """The dataset a domain notebook's parameters name.
 
-    ``papermill … -f domains/<domain>/<set>.yaml`` injects the YAML's keys (name, domain,
-    source, classes, templates, …) as parameters: then the dataset is built from them. Else
-    ``name`` picks a YAML, and an empty name means the domain's offline dataset.
+    ``dataset_yaml`` (a path, one string: ``papermill … -p dataset_yaml domains/<domain>/<set>.yaml``)
+    is read and validated here, through the one safe YAML reader: the safe way to run a notebook on
+    a YAML. ``papermill … -f <set>.yaml`` instead injects the YAML's keys (name, domain, source,
+    classes, templates, …) as parameters, written into the notebook's code as they are (use it only
+    with your own files); then the dataset is built from them. Else ``name`` picks a YAML, and an
+    empty name means the domain's offline dataset.
     """
+    path = namespace.get("dataset_yaml")
+    if path:
+        if not isinstance(path, str) or Path(path).suffix.lower() not in (".yaml", ".yml"):
+            raise ConfigError(f"parameter 'dataset_yaml': expected the path of a dataset YAML (ending in .yaml), "
+                              f"got {path!r}.")
+        found = Path(path).expanduser()
+        if not found.is_absolute() and not found.exists():
+            found = repo_root() / found   # a notebook's kernel runs in notebooks/
+        return dataset_from_spec(load_spec(found))
     if namespace.get("source") and namespace.get("classes"):
         # the notebook declares every YAML key (so papermill does not warn), empty when no YAML was given
         spec = {k: namespace[k] for k in TOP_KEYS if namespace.get(k) not in (None, "", [], {})}
@@ -528,7 +537,9 @@ BACKBONE_KEYS = {"name": str, "pretrained": str, "domains": builtins.list, "lice
 def backbone_recipes() -> dict:
     """``domains/backbones.yaml``: alias -> loading recipe, validated."""
     path = domains_dir() / "backbones.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, what="backbone list") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping alias -> recipe, got {type(data).__name__}.")
     for alias, recipe in data.items():
         if not isinstance(recipe, dict):
             raise _err(path, alias, "a mapping", recipe)

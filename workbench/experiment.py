@@ -25,6 +25,7 @@ from .features import FeatureCache
 from .methods import get_method, method_class
 from .methods.base import Method
 from .metrics import SCALAR_METRICS, compute_metrics
+from .paths import safe_name
 from .progress import progress
 from .record import (PROTOCOL_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
                      _validation_logits, _validation_scores, environment_info)
@@ -139,7 +140,8 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     val_scores = _validation_scores(val, dataset.n_classes)
 
     skipped = dataset.skipped + task.skipped + test.skipped
-    run_id = f"{dataset.name}-{method.name}-{f'N{budget}' if budget else f'K{shots}'}-s{seed}-" + hashlib.sha1(
+    # names are not paths: the run id names the run's folder, so its parts are safe path components
+    run_id = f"{safe_name(dataset.name, 'dataset name')}-{safe_name(method.name, 'method name')}-{f'N{budget}' if budget else f'K{shots}'}-s{seed}-" + hashlib.sha1(
         json.dumps([backbone.provenance_id, split.sha, method.describe()["config"], templates]
                    + ([task.fingerprint().get("language")] if language else []),
                    sort_keys=True, default=str).encode()).hexdigest()[:8]
@@ -170,7 +172,7 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     from .distributed import is_main_process
 
     if out_dir is not None and is_main_process():  # under torchrun process 0 alone writes the run's files
-        run_dir = Path(out_dir) / "runs" / run_id
+        run_dir = Path(out_dir) / "runs" / safe_name(run_id, "run id")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "provenance.json").write_text(json.dumps(record, indent=1, default=str))
         if save_model:

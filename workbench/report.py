@@ -124,7 +124,12 @@ def results_table(path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"results file {str(path)!r} does not exist.")
-    return pd.read_csv(path)
+    from .results import read_table
+
+    table = read_table(path)   # malformed lines named and left out, other separators refused
+    if table.empty:
+        raise ConfigError(f"results file {str(path)!r} holds no rows.")
+    return table
 
 
 def fit_choices(out_dir, methods=None) -> pd.DataFrame:
@@ -285,7 +290,9 @@ def _record(out_dir, run_id: str) -> dict:
     import json
     from pathlib import Path
 
-    path = Path(out_dir) / "runs" / run_id / "provenance.json"
+    from .paths import safe_name
+
+    path = Path(out_dir) / "runs" / safe_name(run_id, "run id") / "provenance.json"
     if not path.is_file():
         raise ConfigError(f"no provenance record for run {run_id!r} in {str(out_dir)!r}.")
     return json.loads(path.read_text())

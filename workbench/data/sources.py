@@ -107,6 +107,14 @@ def _decide_layout(root: Path, layout: str) -> tuple[str, dict[str, Path]]:
                             "but none is 'train'. Add root/train/<class>/..., or pass layout='classes' if they "
                             "are classes.")
         layout = "splits" if all_splits else "classes"
+        split_named = [p.name for p in tops if split_of[p]]
+        if layout == "classes" and split_named and len(split_named) < len(tops):
+            import warnings
+
+            warnings.warn(f"image folder {str(root)!r}: folder(s) {split_named} are named like splits but sit beside "
+                          f"class folders, so they are read as classes (layout='classes'). If they hold the "
+                          "test/val images, move the class folders into root/train/ (layout='splits'); pass "
+                          "layout='classes' to confirm they are classes and silence this.", stacklevel=3)
     if layout == "classes":
         return "classes", {"train": root}
     others = [p.name for p in tops if split_of[p] is None]
@@ -447,10 +455,18 @@ def from_npz(path, *, class_names: Sequence[str] | None = None, name: str | None
         raise DataError(f"npz file {str(path)!r} does not exist. MedMNIST files can be downloaded from "
                         "medmnist.com (Zenodo) or with the `medmnist` package.")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
             images = {s: z[f"{s}_images"] for s in ("train", "val", "test") if f"{s}_images" in z}
             labels = {s: z[f"{s}_labels"] for s in ("train", "val", "test") if f"{s}_labels" in z}
+    except ValueError as err:
+        if "pickle" not in str(err):
+            raise DataError(f"npz {str(path)!r} cannot be read (ValueError: {str(err)[:200]}): the file is "
+                            "truncated or corrupt (an interrupted download?). Delete it and download it "
+                            "again.") from None
+        raise DataError(f"npz {str(path)!r} holds object arrays or pickled data: object arrays are not loaded, for "
+                        "safety (unpickling can run code). Save the images and labels as numeric arrays "
+                        "(np.savez with uint8/float images and integer labels).") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zipfile.LargeZipFile) as err:
         raise DataError(f"npz {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:200]}): the file is "
                         "truncated or corrupt (an interrupted download?). Delete it and download it again.") from None
