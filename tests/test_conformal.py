@@ -79,12 +79,17 @@ def test_saved_model_gives_prediction_sets_calibrated_on_the_validation_images(b
     n_val = len(res.record["split"]["val_ids"])
     assert summary["n_calibration"] == n_val and summary["target_coverage"] == 0.9
     assert 0 <= summary["coverage"] <= 1 and 1 <= summary["mean_set_size"] <= whu.n_classes
+    # linear_probe chose C on its validation images: the sets are honestly not certified
+    assert res.row["val_tuned"] and summary["certified"] is False and summary["notes"][0].startswith("not certified")
+    assert set(summary["scores"]) == {"lac", "aps", "raps"} and "class_coverage_gap" in summary["scores"]["aps"]
 
     model = wb.load(res.model_dir)
+    assert model.calibration_certified is False
     probs, labels = model.calibration
     assert probs.shape == (n_val, whu.n_classes) and torch.allclose(probs.sum(1), torch.ones(n_val), atol=1e-5)
     paths = [s.ref for s in whu.split("test")[:6]]
-    table = model.predict(paths, coverage=0.8)
+    with pytest.warns(UserWarning, match="prediction sets not certified"):
+        table = model.predict(paths, coverage=0.8)
     assert list(table.columns[:5]) == ["image", "label", "confidence", "prediction_set", "set_size"]
     expected = ConformalCalibrator(0.8).fit(probs, labels).predict_sets(torch.tensor(table[whu.class_names].to_numpy()))
     assert table["set_size"].tolist() == expected.sum(1).tolist()
@@ -240,3 +245,36 @@ def test_split_calibration_is_stratified_and_refuses_too_few():
         split_calibration([0, 0, 1], 0.5)
     with pytest.raises(ConfigError, match="calibration_fraction must be"):
         split_calibration(labels, 1.0)
+
+
+def test_calibration_fraction_holds_calibration_images_out_of_fitting(backbone, whu, tmp_path, quiet):
+    import json
+
+    import workbench as wb
+    from workbench.task import FewShotTask
+
+    seen = []
+    real_fit = wb.get_method("linear_probe").__class__.fit
+
+    class Spy(wb.get_method("linear_probe").__class__):
+        def fit(self, task: FewShotTask):
+            seen.append({s.id for s in task.val_samples()} | {s.id for s in task.support_samples()})
+            return real_fit(self, task)
+
+    res = wb.run_experiment(whu, backbone, Spy(), 4, 1, out_dir=tmp_path, save_model=True, calibration_fraction=0.5)
+    split = res.record["split"]
+    cal_ids = set(split["calibration_ids"])
+    assert len(split["val_ids"]) == 3 * whu.n_classes   # 3 per class: 2 calibrate (1.5 rounds up), 1 selects
+    assert len(cal_ids) == 2 * whu.n_classes and cal_ids <= set(split["val_ids"])
+    assert not cal_ids & seen[0]                     # the method never saw a calibration image
+    summary = json.loads((tmp_path / "runs" / res.row["run_id"] / "provenance.json").read_text())["conformal"]
+    assert summary["calibration"] == "held_out" and summary["n_calibration"] == len(cal_ids)
+    assert summary["certified"] == (len(cal_ids) >= 9)   # 0.9 needs 9 calibration images
+    model = wb.load(res.model_dir)
+    assert model.calibration_certified and len(model.calibration[1]) == len(cal_ids)
+    other = wb.run_experiment(whu, backbone, "linear_probe", 4, 1)
+    assert other.row["run_id"] != res.row["run_id"]   # other selection data, another run
+    with pytest.raises(ConfigError, match="calibration_fraction must be"):
+        wb.run_experiment(whu, backbone, "linear_probe", 4, 1, calibration_fraction=2)
+    with pytest.raises(ConfigError, match="at least 2 per class"):
+        wb.run_experiment(whu, backbone, "linear_probe", 1, 1, calibration_fraction=0.5)

@@ -268,7 +268,7 @@ def split_calibration(labels, fraction: float, seed: int = 0) -> tuple[list[int]
     """Indices ``(selection, calibration)``: ``fraction`` of each class's labelled images held out for calibration.
 
     Class-stratified (as Conf-OT's ``standard_split``): a class with v images gives
-    ``round(fraction·v)`` of them, at least 1 and at most v − 1, to calibration, so every class keeps
+    ``fraction·v`` (half rounds up) of them, at least 1 and at most v − 1, to calibration, so every class keeps
     an image to select on. The cost is selection data: hyper-parameters (β/α, C, epochs, WiSE-FT α)
     are then chosen on the remaining ``1 − fraction`` only. Raises a ConfigError naming the class
     when a class has fewer than 2 images.
@@ -287,7 +287,7 @@ def split_calibration(labels, fraction: float, seed: int = 0) -> tuple[list[int]
                               "on, one to calibrate on). Sample more validation images (val_shots) or leave "
                               "calibration_fraction=None (the sets are then reported as not certified).")
         perm = [idx[j] for j in torch.randperm(len(idx), generator=gen).tolist()]
-        n_cal = min(max(round(fraction * len(idx)), 1), len(idx) - 1)
+        n_cal = min(max(int(fraction * len(idx) + 0.5), 1), len(idx) - 1)   # half rounds up
         calibration += perm[:n_cal]
         selection += perm[n_cal:]
     return sorted(selection), sorted(calibration)
