@@ -103,3 +103,18 @@ def test_p_beats_counts_ties_as_one_half():
     assert p_beats(reps, 0, 1) == pytest.approx((1 + 0.5 * 2) / 4)
     assert p_beats(reps, 0, 1) + p_beats(reps, 1, 0) == pytest.approx(1.0)
     assert p_beats(np.full((10, 2), 0.7), 0, 1) == pytest.approx(0.5)   # identical candidates: a coin flip
+
+
+# -- Tip-Adapter-F epoch_selection="val": the earliest of tied epochs ---------------------------
+
+def test_tip_adapter_f_keeps_the_earliest_of_tied_epochs(quiet):
+    from tests.fakes import random_task
+
+    task, centres = random_task(n_classes=3, shots=4, dim=8, views=10)
+    task.val = type(task.val)(raw=centres.repeat(2, 1)[None], labels=torch.arange(3).repeat(2), ids=[""] * 6)
+    task.text = centres.clone()   # validation accuracy is 100% after every epoch: a 6-way tie
+    common = dict(epochs=6, search=False, init_alpha=1.0, lr=0.01)
+    chosen = wb.get_method("tip_adapter_f", epoch_selection="val", **common).fit(task)
+    last = wb.get_method("tip_adapter_f", epoch_selection="last", **common).fit(task)
+    assert chosen.fit_info["chosen_epoch"] == 0
+    assert not torch.allclose(chosen.keys, last.keys)   # the epoch-0 snapshot was restored, not the last
