@@ -38,3 +38,15 @@ def test_biomedcoop_trains_with_the_text_tower_in_the_references_mode(biomed_lik
     assert steps >= 2 and sum(modes) == (steps if train_mode else 0)         # every training step, or none
     assert modes[-1] is False                                                # the classifier: eval mode
     assert not any(m.training for m in biomed_like.model.modules())          # the shared backbone is left in eval
+
+
+# -- LP++: the epoch chosen on K validation images per class (reference) via val_shots=K --------
+
+def test_lp_plus_plus_selects_on_k_validation_images_with_val_shots_k(backbone, quiet):
+    data = synthetic_shapes(3, train_per_class=10, val_per_class=8, test_per_class=2, name="lpp_val")
+    params = {"epochs": 20}
+    default = wb.run_experiment(data, backbone, "lp_plus_plus", 8, 1, method_params=params)
+    reference = wb.run_experiment(data, backbone, "lp_plus_plus", 8, 1, method_params=params, val_shots=8)
+    assert default.method.fit_info["val_per_class"] == 4 and default.record["split"]["val_shots"] == 4
+    assert reference.method.fit_info["val_per_class"] == 8 and reference.record["split"]["val_shots"] == 8
+    assert reference.record["split"]["train_ids"] != [] and reference.row["run_id"] != default.row["run_id"]

@@ -195,7 +195,7 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
                    method_params: dict | None = None, split_dir=None, out_dir=None, domain: str | None = None,
                    save_model: bool = False, protocol: str = "default", budget: int | None = None,
                    allocation: str = "proportional", language: dict | None = None,
-                   calibration_fraction: float | None = None) -> RunResult:
+                   calibration_fraction: float | None = None, val_shots: int | None = None) -> RunResult:
     """Sample (or reuse) the K-shot split, fit on it, evaluate on the whole test split.
 
     The dataset YAML's ``method_presets`` for the method apply unless ``method_params`` say
@@ -207,6 +207,10 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     ``language`` (``{"descriptions": ..., "weighting": ..., "seed": ...}``, see
     :class:`~workbench.task.FewShotTask`) changes the text classifier every method starts from;
     it is part of the run's id and provenance.
+
+    ``val_shots``: K-shot validation images per class (default ``min(K, 4)``, the same for every
+    method, see :func:`~workbench.data.sample_few_shot`); ``val_shots=K`` reproduces references
+    that select on K validation images per class (LP++).
 
     Conformal prediction sets (provenance ``conformal``; the saved model's ``predict(coverage=)``)
     are calibrated on the K-shot validation images. Their guarantee needs images that fitting and
@@ -241,7 +245,8 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         split_dir = Path(split_dir) / "paper_protocol"
     method = _as_method(method, settings.params or None)
     cache = cache or FeatureCache(backbone)
-    split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation)
+    split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation,
+                            val_shots=val_shots)
     shots = split.shots   # budget mode: the mean per class
     fit_split, calibration_samples = split, None
     if calibration_fraction is not None:   # calibration images the method never sees
