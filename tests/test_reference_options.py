@@ -50,3 +50,37 @@ def test_lp_plus_plus_selects_on_k_validation_images_with_val_shots_k(backbone, 
     assert default.method.fit_info["val_per_class"] == 4 and default.record["split"]["val_shots"] == 4
     assert reference.method.fit_info["val_per_class"] == 8 and reference.record["split"]["val_shots"] == 8
     assert reference.record["split"]["train_ids"] != [] and reference.row["run_id"] != default.row["run_id"]
+
+
+# -- MaPLe: deep coupling layers start as clones; MaPLe / IVLP / VPT-deep drop the partial batch --
+
+@pytest.fixture(scope="module")
+def shapes16():
+    return synthetic_shapes(4, train_per_class=20, val_per_class=4, test_per_class=6)
+
+
+def test_maple_deep_coupling_layers_start_as_identical_copies(backbone, shapes16):
+    names = shapes16.class_names
+    _, _, prompts = wb.get_method("maple", prompt_depth=3)._build(backbone, names, seed=1)
+    first, *deep = prompts.couple
+    assert len(deep) == 2
+    for layer in deep[1:]:   # the reference's _get_clones(single_layer, depth - 1)
+        assert torch.equal(layer.weight, deep[0].weight) and torch.equal(layer.bias, deep[0].bias)
+        assert layer.weight.data_ptr() != deep[0].weight.data_ptr()   # copies, not one shared layer
+    assert not torch.equal(first.weight, deep[0].weight)            # the first block's proj is its own
+    _, _, old = wb.get_method("maple", prompt_depth=3, coupling_init="independent")._build(backbone, names, seed=1)
+    assert not torch.equal(old.couple[1].weight, old.couple[2].weight)
+    with pytest.raises(wb.errors.ConfigError, match="coupling_init must be 'clones'"):
+        wb.get_method("maple", prompt_depth=3, coupling_init="copies")._build(backbone, names, seed=1)
+
+
+@pytest.mark.parametrize("name,params", [("maple", {"prompt_depth": 1}), ("ivlp", {"prompt_depth": 1,
+                                                                                   "prompt_depth_vision": 1}),
+                                         ("vpt_deep", {"prompt_depth": 1, "n_ctx": 1})])
+def test_image_prompt_learners_drop_the_last_partial_batch_as_dassl(name, params, backbone, shapes16):
+    task = _task(shapes16, backbone, shots=3)   # 12 support images, batches of 8
+    common = {**params, "epochs": 1, "batch_size": 8, "warmup_epochs": 0}
+    dassl = wb.get_method(name, **common).fit(task)
+    kept = wb.get_method(name, drop_last=False, **common).fit(task)
+    assert (dassl.fit_info["steps_per_epoch"], dassl.fit_info["steps"]) == (1, 1)   # 12 // 8
+    assert (kept.fit_info["steps_per_epoch"], kept.fit_info["steps"]) == (2, 2)     # ceil(12 / 8)
