@@ -84,3 +84,25 @@ def test_image_prompt_learners_drop_the_last_partial_batch_as_dassl(name, params
     kept = wb.get_method(name, drop_last=False, **common).fit(task)
     assert (dassl.fit_info["steps_per_epoch"], dassl.fit_info["steps"]) == (1, 1)   # 12 // 8
     assert (kept.fit_info["steps_per_epoch"], kept.fit_info["steps"]) == (2, 2)     # ceil(12 / 8)
+
+
+# -- ZS-LP / CLAP: text_norm="raw" gives each class its own raw norm, as the reference -----------
+
+@pytest.mark.parametrize("name", ["zs_lp", "clap"])
+def test_text_norm_raw_anchors_each_class_at_its_raw_text_embedding(name, backbone, shapes16, quiet):
+    task = _task(shapes16, backbone, shots=1)
+    task.templates = ["a photo of a {}.", "a drawing of a {}."]
+    m = wb.get_method(name, text_norm="raw", epochs=1, warmup_epochs=0, augment_views=1).fit(task)
+    expected = []
+    with torch.no_grad():   # independent: float64 mean of the raw per-template embeddings
+        for c in task.class_names:
+            raw = backbone.model.encode_text(backbone.tokenizer([t.format(c) for t in task.templates]))
+            expected.append(raw.double().mean(0))
+    expected = torch.stack(expected)
+    assert torch.allclose(m.anchors.double(), expected, rtol=1e-5, atol=1e-5)
+    norms = expected.norm(dim=-1)
+    assert (norms - norms.mean()).abs().max() > 1e-3          # per-class norms differ: no scalar reproduces them
+    unit = wb.get_method(name, text_norm=float(norms.mean()), epochs=1, warmup_epochs=0, augment_views=1).fit(task)
+    assert torch.allclose(unit.anchors.norm(dim=-1), torch.full((4,), float(norms.mean())), atol=1e-4)
+    with pytest.raises(wb.errors.ConfigError, match="text_norm must be a number > 0 or 'raw'"):
+        wb.get_method(name, text_norm="unit")
