@@ -106,3 +106,23 @@ def test_text_norm_raw_anchors_each_class_at_its_raw_text_embedding(name, backbo
     assert torch.allclose(unit.anchors.norm(dim=-1), torch.full((4,), float(norms.mean())), atol=1e-4)
     with pytest.raises(wb.errors.ConfigError, match="text_norm must be a number > 0 or 'raw'"):
         wb.get_method(name, text_norm="unit")
+
+
+# -- GDA: the float32 covariance product moves the parameters by float tolerance only ------------
+
+def test_gda_float32_gram_matches_the_float64_fit_to_float_tolerance(quiet):
+    from tests.fakes import random_task
+
+    task, _ = random_task(n_classes=20, shots=8, dim=64, views=10, n_val=4, seed=3)
+    exact = wb.get_method("gda").fit(task)
+    fast = wb.get_method("gda", gram_dtype="float32").fit(task)
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    assert 0 < rel(fast.cov_inv, exact.cov_inv) < 1e-5 and rel(fast.weight, exact.weight) < 1e-5
+    assert fast.fit_info["alpha"] == exact.fit_info["alpha"]
+    test = torch.nn.functional.normalize(torch.randn(200, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    assert torch.equal(fast.predict_logits(test).argmax(-1), exact.predict_logits(test).argmax(-1))
+    with pytest.raises(wb.errors.ConfigError, match="gram_dtype must be"):
+        wb.get_method("gda", gram_dtype="half").fit(task)
