@@ -217,8 +217,8 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     selection never saw: ``calibration_fraction=0.5`` holds that share of each class's validation
     images out of the task (the method selects on the rest — that is the cost) and calibrates on
     them (:func:`workbench.conformal.split_calibration`; a ConfigError when a class has fewer than 2).
-    Without it, the sets of a method that read its validation images are reported ``certified:
-    false`` with a note; the row's ``val_*`` scores then come from the selection part only.
+    With it, the row's ``val_*`` scores come from the selection part only. Without it, the sets of
+    a method that read its validation images are reported ``certified: false`` with a note.
     """
     # Bad input is refused here, before any image is encoded or any step trained.
     from .protocols import check_protocol
