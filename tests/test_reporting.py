@@ -169,6 +169,26 @@ def test_validation_ties_go_to_the_cheaper_method_and_missing_scores_are_an_erro
     assert "K=2" in report.validation_table(table).columns
 
 
+def test_a_method_tuned_on_its_validation_images_is_flagged_as_optimistic():
+    import warnings
+
+    table = _table(shots=(4,))
+    table["val_tuned"] = table["method"] == "linear_probe"
+    table["val_balanced_accuracy"] = table["balanced_accuracy"] + np.where(table["val_tuned"], 0.2, 0.0)
+    with pytest.warns(UserWarning, match=r"validation scores of linear_probe are optimistic"):
+        report.choose_on_validation(table)
+    gap = report.validation_gap(table).set_index("method")
+    assert gap.loc["linear_probe", "gap"] == pytest.approx(20.0) and gap.loc["linear_probe", "tuned_on_val"]
+    others = gap.drop(index="linear_probe")
+    assert np.allclose(others["gap"], 0.0) and not others["tuned_on_val"].any()
+    assert "linear_probe *" in set(report.validation_table(table)["method"])
+    table["val_tuned"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing to say when no candidate tuned on its validation images
+        report.choose_on_validation(table)
+    assert "linear_probe" in set(report.validation_table(table)["method"])
+
+
 def test_notebook_07_chooses_on_validation():
     nb = json.loads((wb.repo_root() / "notebooks" / "07_bring_your_own_data.ipynb").read_text())
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")

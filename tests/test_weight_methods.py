@@ -61,6 +61,13 @@ def test_clip_svd_defaults_follow_the_reference():
 
     biomed = apply_preset(wb.get_method("clip_svd", preset="biomedclip:ctkidney").config)
     assert (biomed.lr, biomed.epochs, biomed.weight_decay) == (0.001, 200, 0.0)
+    # each preset's template from the reference config (configs/few_shot/<dataset>.yaml ``template``)
+    assert biomed.templates == ["a photo of a {}."]
+    covid = wb.get_method("clip_svd", preset="biomedclip:covid")
+    assert apply_preset(covid.config).templates == ["a chest xray of {}."]
+    assert covid._templates(None) == ["a chest xray of {}."]            # what training encodes
+    mine = apply_preset(wb.get_method("clip_svd", preset="biomedclip:covid", templates=["{}."]).config)
+    assert mine.templates == ["{}."]                                     # a user's own templates win
     with pytest.raises(ConfigError, match="unknown preset .biomedclip:kvasr.*Did you mean .biomedclip:kvasir."):
         apply_preset(wb.get_method("clip_svd", preset="biomedclip:kvasr").config)
 

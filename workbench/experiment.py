@@ -53,27 +53,57 @@ def _as_method(method: str | Method, params: dict | None) -> Method:
     return get_method(method, **(params or {}))
 
 
-def _conformal_summary(val, test_logits: torch.Tensor, test_labels: torch.Tensor, coverage: float = 0.9) -> dict | None:
-    """Split-conformal sets calibrated on the K-shot validation images, scored on test (report only)."""
+def _conformal_summary(val, test_logits: torch.Tensor, test_labels: torch.Tensor, coverage: float = 0.9, *,
+                       held_out: bool = False, selection_read: bool = True, seed: int = 0) -> dict | None:
+    """Conformal sets calibrated on ``val``, scored on test (report only), for each score (LAC, APS, RAPS).
+
+    ``certified`` is True only when the calibration images were held out of fitting and selection
+    (``held_out``, see ``run_experiment(calibration_fraction=...)``) or the method never read its
+    validation images (``selection_read`` False), and there are enough of them for the coverage.
+    The top-level ``coverage`` / ``mean_set_size`` / ``class_coverage_gap`` are the LAC score's;
+    ``scores`` holds every score's.
+    """
     import warnings
 
-    from .conformal import ConformalCalibrator, set_metrics
+    from .conformal import SCORES, ConformalCalibrator, set_metrics
 
     if val is None:
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cal = ConformalCalibrator(coverage).fit(torch.softmax(val[0], -1), val[1])
-    sets = cal.predict_sets(torch.softmax(test_logits, -1))
-    return {"target_coverage": coverage, "n_calibration": cal.n_calibration, **set_metrics(sets, test_labels),
-            "certified": not cal.uncertified_classes, "notes": [str(w.message) for w in caught]}
+    cal_probs, test_probs = torch.softmax(val[0].double(), -1), torch.softmax(test_logits.double(), -1)
+    notes, by_score, uncertified = [], {}, False
+    for score in SCORES:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                cal = ConformalCalibrator(coverage, score=score, seed=seed).fit(cal_probs, val[1])
+            except ConfigError as err:   # RAPS tuning with too few images: say so, keep the other scores
+                notes.append(f"{score}: {err}")
+                continue
+        notes += [f"{score}: {w.message}" for w in caught]
+        uncertified |= bool(cal.uncertified_classes)
+        by_score[score] = {"n_calibration": cal.n_calibration,
+                           **set_metrics(cal.predict_sets(test_probs), test_labels, coverage)}
+        if score == "raps":
+            by_score[score].update(k_reg=cal.fitted_k_reg, lam=cal.fitted_lam)
+    valid = held_out or not selection_read
+    if not valid:
+        notes.insert(0, "not certified: the calibration images are the K-shot validation images the method read while "
+                        "fitting (it may have chosen hyper-parameters or epochs on them), so they are not exchangeable "
+                        "with test and the sets tend to under-cover. Rerun with calibration_fraction=0.5 to hold "
+                        "calibration images out of selection.")
+    lac = by_score["lac"]
+    return {"target_coverage": coverage, "calibration": "held_out" if held_out else "kshot_validation",
+            "n_calibration": lac["n_calibration"], "coverage": lac["coverage"], "mean_set_size": lac["mean_set_size"],
+            "class_coverage_gap": lac["class_coverage_gap"], "certified": valid and not uncertified,
+            "scores": by_score, "notes": notes}
 
 
 def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int, seed: int, *,
                    cache: FeatureCache | None = None, templates: Sequence[str] | None = None,
                    method_params: dict | None = None, split_dir=None, out_dir=None, domain: str | None = None,
                    save_model: bool = False, protocol: str = "default", budget: int | None = None,
-                   allocation: str = "proportional", language: dict | None = None) -> RunResult:
+                   allocation: str = "proportional", language: dict | None = None,
+                   calibration_fraction: float | None = None, val_shots: int | None = None) -> RunResult:
     """Sample (or reuse) the K-shot split, fit on it, evaluate on the whole test split.
 
     The dataset YAML's ``method_presets`` for the method apply unless ``method_params`` say
@@ -85,6 +115,18 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     ``language`` (``{"descriptions": ..., "weighting": ..., "seed": ...}``, see
     :class:`~workbench.task.FewShotTask`) changes the text classifier every method starts from;
     it is part of the run's id and provenance.
+
+    ``val_shots``: K-shot validation images per class (default ``min(K, 4)``, the same for every
+    method, see :func:`~workbench.data.sample_few_shot`); ``val_shots=K`` reproduces references
+    that select on K validation images per class (LP++).
+
+    Conformal prediction sets (provenance ``conformal``; the saved model's ``predict(coverage=)``)
+    are calibrated on the K-shot validation images. Their guarantee needs images that fitting and
+    selection never saw: ``calibration_fraction=0.5`` holds that share of each class's validation
+    images out of the task (the method selects on the rest — that is the cost) and calibrates on
+    them (:func:`workbench.conformal.split_calibration`; a ConfigError when a class has fewer than 2).
+    With it, the row's ``val_*`` scores come from the selection part only. Without it, the sets of
+    a method that read its validation images are reported ``certified: false`` with a note.
     """
     # Bad input is refused here, before any image is encoded or any step trained.
     from .protocols import check_protocol
@@ -111,19 +153,31 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         split_dir = Path(split_dir) / "paper_protocol"
     method = _as_method(method, settings.params or None)
     cache = cache or FeatureCache(backbone)
-    split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation)
+    split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation,
+                            val_shots=val_shots)
     shots = split.shots   # budget mode: the mean per class
+    fit_split, calibration_samples = split, None
+    if calibration_fraction is not None:   # calibration images the method never sees
+        import dataclasses
+
+        from .conformal import split_calibration
+
+        val_samples = split.val(dataset)
+        keep, held = split_calibration([s.label for s in val_samples], calibration_fraction, seed)
+        fit_split = dataclasses.replace(split, val_ids=[val_samples[i].id for i in keep])
+        calibration_samples = [val_samples[i] for i in held]
     templates = list(templates or settings.templates or dataset.templates or ["a photo of a {}."])
     # descriptions join the prompts only when the language options ask for them (else plain templates)
     descriptions = getattr(dataset, "descriptions", None) if (language or {}).get("descriptions", "none") != "none" \
         else None
-    task = FewShotTask(dataset, split, backbone, cache, templates=templates, descriptions=descriptions,
+    task = FewShotTask(dataset, fit_split, backbone, cache, templates=templates, descriptions=descriptions,
                        language=language)
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     method.fit(task)
     fit_seconds = time.perf_counter() - t0
+    val_tuned = task.read_validation   # before the runner itself reads them below
 
     encoder = method.image_backbone(backbone)
     if encoder is backbone:
@@ -138,16 +192,19 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     metrics = compute_metrics(logits, test.labels, dataset.n_classes)
     val = _validation_logits(method, task, dataset, None if encoder is backbone else encoder, cache)
     val_scores = _validation_scores(val, dataset.n_classes)
+    calibration = val if calibration_samples is None else _validation_logits(
+        method, task, dataset, None if encoder is backbone else encoder, cache, samples=calibration_samples)
 
     skipped = dataset.skipped + task.skipped + test.skipped
     # names are not paths: the run id names the run's folder, so its parts are safe path components
     run_id = f"{safe_name(dataset.name, 'dataset name')}-{safe_name(method.name, 'method name')}-{f'N{budget}' if budget else f'K{shots}'}-s{seed}-" + hashlib.sha1(
         json.dumps([backbone.provenance_id, split.sha, method.describe()["config"], templates]
-                   + ([task.fingerprint().get("language")] if language else []),
+                   + ([task.fingerprint().get("language")] if language else [])
+                   + ([{"calibration_fraction": calibration_fraction}] if calibration_fraction is not None else []),
                    sort_keys=True, default=str).encode()).hexdigest()[:8]
     row = {"dataset": dataset.name, "domain": domain or dataset.domain or "", "backbone": backbone.name,
            "pretrained": backbone.pretrained or "", "method": method.name, "shots": shots, "seed": seed,
-           "protocol": protocol, "metric": getattr(dataset, "metric", None) or "accuracy", **{k: metrics[k] for k in SCALAR_METRICS}, **val_scores, "n_classes": dataset.n_classes, "n_test": len(test), "fit_seconds": fit_seconds,
+           "protocol": protocol, "metric": getattr(dataset, "metric", None) or "accuracy", **{k: metrics[k] for k in SCALAR_METRICS}, **val_scores, "val_tuned": bool(val_tuned and val is not None), "n_classes": dataset.n_classes, "n_test": len(test), "fit_seconds": fit_seconds,
            "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id}
     if budget is not None:
         row.update(budget=budget, allocation=allocation)
@@ -159,11 +216,13 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         "split": {"sha": split.sha, "shots": shots, "seed": seed, "val_shots": split.val_shots,
                   "val_source": split.val_source, "train_ids": split.train_ids, "val_ids": split.val_ids,
                   "shortfalls": split.shortfalls, "budget": split.budget, "allocation": split.allocation,
-                  "per_class": split.per_class},
+                  "per_class": split.per_class, "calibration_fraction": calibration_fraction,
+                  "calibration_ids": [s.id for s in calibration_samples or []]},
         "protocol": settings.record, "templates": templates, "backbone": backbone.provenance(),
         "language": {**task.fingerprint().get("language", {}), **task.language_info} if language else None,
         "method": method.describe(),
-        "metrics": metrics, "conformal": _conformal_summary(val, logits, test.labels), "skipped": skipped,
+        "metrics": metrics, "conformal": _conformal_summary(calibration, logits, test.labels, held_out=calibration_samples is not None,
+                                        selection_read=val_tuned, seed=seed), "skipped": skipped,
         "environment": environment_info(backbone.device),
     }
     model_dir = None
@@ -180,7 +239,9 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
 
             model_dir = Predictor(backbone, method, templates=templates,
                                   metrics={k: metrics[k] for k in SCALAR_METRICS},
-                                  calibration=None if val is None else (torch.softmax(val[0], -1), val[1]),
+                                  calibration=None if calibration is None else
+                                  (torch.softmax(calibration[0], -1), calibration[1]),
+                                  calibration_certified=calibration_samples is not None or not val_tuned,
                                   ).save(run_dir / "model")
     return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir)
 

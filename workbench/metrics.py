@@ -1,7 +1,11 @@
 """Classification metrics computed from logits and true labels.
 
-All metrics treat every class of the task (``n_classes``), not only those present in the test
-labels, so a method that never predicts a class is penalised in macro-F1 and balanced accuracy.
+All metrics treat every class of the task (``n_classes``), not only those predicted, so a method
+that never predicts a class present in the test labels is penalised in macro-F1 and balanced
+accuracy. Macro-F1 averages over the classes present in the truth or the predictions, as
+sklearn's ``f1_score(average="macro")`` does: a class neither true nor predicted has no F1 (0/0)
+and is left out rather than counted as 0 (which would pull every score towards 0 on test sets
+that lack a class). Balanced accuracy averages recall over the classes present in the truth.
 """
 from __future__ import annotations
 

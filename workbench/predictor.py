@@ -40,7 +40,7 @@ def _as_image_list(images) -> list:
 
 class Predictor:
     def __init__(self, backbone, method: Method, templates: Sequence[str] | None = None, metrics: dict | None = None,
-                 calibration: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 calibration: tuple[torch.Tensor, torch.Tensor] | None = None, calibration_certified: bool = False):
         method._check_fitted()
         self.backbone = backbone
         self.method = method
@@ -48,6 +48,9 @@ class Predictor:
         self.metrics = metrics or {}
         #: (probabilities [N, C], labels [N]) on held-out labelled images: the K-shot validation set
         self.calibration = calibration
+        #: True when the calibration images were held out of fitting and selection (or the method never read
+        #: them): only then do the prediction sets carry the coverage guarantee
+        self.calibration_certified = bool(calibration_certified)
 
     @property
     def class_names(self) -> list[str]:
@@ -85,13 +88,15 @@ class Predictor:
                            for i in range(0, len(pixels), 64)])
         return self.method.predict_logits(feats)
 
-    def predict(self, images: Sequence, coverage: float | None = None, class_conditional: bool = False) -> pd.DataFrame:
+    def predict(self, images: Sequence, coverage: float | None = None, class_conditional: bool = False,
+                score: str = "lac") -> pd.DataFrame:
         """One row per image: predicted ``label``, its ``confidence``, and every class probability.
 
         With ``coverage`` (e.g. 0.9) each row also gets a ``prediction_set``: the classes that
         contain the true one with probability ≥ coverage (split conformal, calibrated on the
-        run's K-shot validation images; ``class_conditional=True`` for per-class coverage), and
-        its ``set_size``.
+        run's calibration images; ``class_conditional=True`` for per-class coverage; ``score``
+        "lac", "aps" or "raps", see :mod:`workbench.conformal`), and its ``set_size``. A warning says
+        when the calibration images were also selection images (the guarantee then does not hold).
         """
         images = _as_image_list(images)
         probs_t = torch.softmax(self.predict_logits(images).float(), dim=-1)
@@ -102,19 +107,26 @@ class Predictor:
         table.insert(0, "label", [names[i] for i in probs.argmax(axis=1)])
         table.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"#{n}" for n, i in enumerate(images)])
         if coverage is not None:
-            sets = self.conformal(coverage, class_conditional).predict_sets(probs_t)
+            sets = self.conformal(coverage, class_conditional, score).predict_sets(probs_t)
             table.insert(3, "prediction_set", [[names[c] for c in row.nonzero().flatten().tolist()] for row in sets])
             table.insert(4, "set_size", sets.sum(1).numpy())
         return table
 
-    def conformal(self, coverage: float = 0.9, class_conditional: bool = False):
+    def conformal(self, coverage: float = 0.9, class_conditional: bool = False, score: str = "lac"):
         """A :class:`~workbench.conformal.ConformalCalibrator` fitted on the stored validation probabilities."""
         from .conformal import ConformalCalibrator
 
         if self.calibration is None:
             raise ConfigError("this model has no calibration images (its run had no K-shot validation set), so it "
                               "cannot give prediction sets; refit with a split that has validation images.")
-        return ConformalCalibrator(coverage, class_conditional).fit(*self.calibration)
+        if not self.calibration_certified:
+            import warnings
+
+            warnings.warn("prediction sets not certified: this model's calibration images are K-shot validation images "
+                          "its method read while fitting (hyper-parameter or epoch selection), so the sets tend to "
+                          "cover less than asked. Refit with run_experiment(..., calibration_fraction=0.5).",
+                          stacklevel=3)
+        return ConformalCalibrator(coverage, class_conditional, score=score).fit(*self.calibration)
 
     def save(self, folder) -> Path:
         """Write the folder atomically: into a hidden sibling renamed at the end, ``predictor.json``
@@ -143,6 +155,7 @@ class Predictor:
                                                              "weights_hash": self.backbone.weights_hash,
                                                              "preprocess": self.backbone.provenance()["preprocess"]},
                     "class_names": self.class_names, "templates": self.templates, "metrics": self.metrics,
+                    "calibration_certified": self.calibration_certified,
                     "files": file_manifest(tmp)}
             (tmp / "predictor.json").write_text(json.dumps(meta, indent=1))
         return Path(folder)
@@ -178,7 +191,7 @@ class Predictor:
             stored = load_file(str(folder / "calibration.safetensors"))
             calibration = (stored["probs"], stored["labels"])
         return cls(backbone, method, templates=meta.get("templates"), metrics=meta.get("metrics"),
-                   calibration=calibration)
+                   calibration=calibration, calibration_certified=meta.get("calibration_certified") is True)
 
 
 def load(folder, device: str = "auto", pretrained: str | None = None) -> Predictor:

@@ -364,6 +364,12 @@ def choose_on_validation(table: pd.DataFrame, metric: str | None = None, shots: 
     validation set holds min(K, 4) images per class — go to the method with the smaller mean fit
     time, then to the one listed first. Report the chosen method's test score once, afterwards
     (:func:`chosen_test_score`): choosing by test score and reporting that same score overstates it.
+
+    The validation illusion: a method that chose its own hyper-parameters (β/α, C, epochs, WiSE-FT
+    α) on those same validation images (the rows' ``val_tuned``) looks better on them than it is
+    (FewTrans, 2026), which favours tuned methods over untuned ones. A warning names them when
+    they are among the candidates; :func:`validation_gap` shows the size of the effect against
+    test, and :func:`workbench.recommend` estimates every candidate out of fold instead.
     """
     if table.empty:
         raise ConfigError("the results table is empty; there is nothing to choose from.")
@@ -379,17 +385,63 @@ def choose_on_validation(table: pd.DataFrame, metric: str | None = None, shots: 
     means = at_k.groupby("method").agg(val=(column, "mean"), cost=("fit_seconds", "mean")).reset_index()
     means["order"] = means["method"].map(order)
     best = means.sort_values(["val", "cost", "order"], ascending=[False, True, True]).iloc[0]
+    tuned = _tuned_on_validation(at_k)
+    if tuned:
+        import warnings
+
+        warnings.warn(f"choose_on_validation: the K-shot validation scores of {', '.join(tuned)} are optimistic — these "
+                      "methods chose hyper-parameters on the same images — so the choice favours them; "
+                      "wb.recommend(...) estimates each candidate out of fold.", stacklevel=2)
     return str(best["method"])
 
 
+def _tuned_on_validation(table: pd.DataFrame) -> list[str]:
+    """Methods whose rows say they read (and may have tuned on) their K-shot validation images."""
+    if "val_tuned" not in table.columns:
+        return []
+    tuned = table["val_tuned"].astype(str).str.lower().isin(["true", "1", "1.0"])
+    return sorted(table.loc[tuned, "method"].unique())
+
+
+def validation_gap(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """The validation illusion, per (dataset, method, K): mean K-shot validation score, mean test score
+    (both %, over seeds), ``gap`` = validation − test, and ``tuned_on_val`` (the method chose its
+    hyper-parameters on those validation images, so part of its gap is selection optimism).
+
+    Use it after choosing (:func:`choose_on_validation`), to see how far each method's validation
+    score overstates its test score; not to choose by test score.
+    """
+    parts = []
+    for _, rows_ in table.groupby("dataset", sort=True):   # each dataset on its own primary metric
+        column = validation_column(rows_, metric)
+        test_column = column[len("val_"):]
+        tuned = set(_tuned_on_validation(rows_))
+        out = (rows_.groupby(["dataset", "method", "shots"], sort=False)
+               .agg(validation=(column, "mean"), test=(test_column, "mean"), runs=(column, "size")).reset_index())
+        out[["validation", "test"]] *= 100
+        out["gap"] = out["validation"] - out["test"]
+        out["tuned_on_val"] = out["method"].isin(tuned)
+        out["metric"] = metric_label(test_column)
+        parts.append(out)
+    if not parts:
+        raise ConfigError("the results table is empty; there is no validation gap to show.")
+    out = pd.concat(parts, ignore_index=True)
+    return out.sort_values(["dataset", "shots", "gap"], ascending=[True, True, False]).reset_index(drop=True)
+
+
 def validation_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Like :func:`summary_table` on the K-shot validation scores (what :func:`choose_on_validation` sees)."""
+    """Like :func:`summary_table` on the K-shot validation scores (what :func:`choose_on_validation` sees).
+
+    A method marked ``*`` chose its hyper-parameters on those images: its validation score is
+    optimistic (:func:`validation_gap`)."""
     column = validation_column(table, metric)
     s = summarize(table, column)
     s["value"] = s.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}", axis=1)
     s["metric"] = metric_label(column)
     out = s.pivot(index=["dataset", "method", "metric"], columns="shots", values="value").reset_index()
     out.columns = [c if isinstance(c, str) else f"K={c}" for c in out.columns]
+    tuned = set(_tuned_on_validation(table))
+    out["method"] = [f"{m} *" if m in tuned else m for m in out["method"]]
     return out
 
 

@@ -128,7 +128,15 @@ class FewShotTask:
         return list(self._view._support)
 
     def val_samples(self) -> list[Sample]:
+        self._used["val_read"] = True   # the method may have selected on them: their scores are optimistic
         return list(self._view._val)
+
+    @property
+    def read_validation(self) -> bool:
+        """Whether anything asked for the K-shot validation images since the task was built: a
+        method that did may have chosen hyper-parameters on them, so its score
+        on them is optimistic and they cannot calibrate conformal sets."""
+        return bool(self._used.get("val_read"))
 
     def support_images(self) -> tuple[list, list[int]]:
         """The support images (PIL, RGB) and their labels, for methods that train the encoders."""
