@@ -29,6 +29,8 @@ import workbench as wb
 from workbench.data.dataset import Sample
 from workbench.features import _collate, _ImageSet, resolve_num_workers
 
+from bench_device import BenchDevice
+
 
 def timed(fn, repeats: int) -> list[float]:
     fn()  # warm-up (and worker start-up costs paid once, as in a long encode)
@@ -63,7 +65,8 @@ def main() -> None:
     if args.repeats < 5:
         ap.error("--repeats must be at least 5 (min and median over >= 5 runs)")
 
-    backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
+    dev = BenchDevice(args.device)  # resolved once; every synchronize and the device name use it
+    backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=dev.device)
     dataset = wb.load_dataset(args.dataset)
     files = [s for split in sorted(dataset.splits) for s in dataset.splits[split]]
     samples = [Sample(f"{i}:{files[i % len(files)].id}", files[i % len(files)].label, files[i % len(files)].ref)
@@ -71,12 +74,14 @@ def main() -> None:
     workers = args.workers if args.workers == "auto" else int(args.workers)
     n_workers = resolve_num_workers(workers, args.n, args.batch)
     size = backbone.image_size
-    cuda = backbone.device.type == "cuda"
-    print(f"backbone {backbone.name} ({backbone.pretrained or 'random-init'}), device {backbone.device}"
-          f"{' ' + torch.cuda.get_device_name() if cuda else ''}, precision {backbone.precision}, {args.n} images "
+    cuda = dev.cuda
+    # "encode alone" runs in the pipeline's memory layout: FeatureCache's own choice (channels_last on CUDA)
+    channels_last = wb.FeatureCache(backbone, None, show_progress=False).channels_last
+    print(f"backbone {backbone.name} ({backbone.pretrained or 'random-init'}), {dev.header()}, "
+          f"precision {backbone.precision}, {args.n} images "
           f"({len(files)} files of {dataset.name}, cycled) at {size}px, batch {args.batch}, torch threads "
-          f"{torch.get_num_threads()}, parallel runs with {n_workers} DataLoader workers; "
-          f"min/median over {args.repeats} runs")
+          f"{torch.get_num_threads()}, parallel runs with {n_workers} DataLoader workers, "
+          f"{'channels_last' if channels_last else 'contiguous'} pixels; min/median over {args.repeats} runs")
 
     def decode(w):
         def run():
@@ -89,19 +94,22 @@ def main() -> None:
     torch.manual_seed(0)
     pixels = torch.randn(args.n, 3, size, size)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+    if channels_last:  # the patch convolution's weights, as FeatureCache sets them for the pipeline
+        backbone.model.to(memory_format=torch.channels_last)
+
+    def to_device(x):  # copy first, reorder on the device (as the pipeline does)
+        x = x.to(dev.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
     def bare():
         with torch.no_grad(), backbone.autocast():
             for i in range(0, args.n, args.batch):
-                backbone.model.encode_image(pixels[i:i + args.batch].to(backbone.device))
-        sync()
+                backbone.model.encode_image(to_device(pixels[i:i + args.batch]))
+        dev.synchronize()
 
     def workbench_encode():
         for i in range(0, args.n, args.batch):
-            backbone.encode_images(pixels[i:i + args.batch]).cpu()
+            backbone.encode_images(to_device(pixels[i:i + args.batch]), normalize=False).cpu()
 
     def pipeline(w):
         def run():
