@@ -82,3 +82,19 @@ def test_ratio_never_divides_by_a_zero_peak(bench_device, monkeypatch):
     row = {"step_s": 1.0, "step_min_s": 1.0, "peak_mib": 0.0}
     line = fine_tuning._ratio_line("A / B", {("a", 10): dict(row, peak_mib=5.0), ("b", 10): row}, "a", "b", 10)
     assert "peak memory n/a" in line and "step median 1.00x" in line
+
+
+def test_gpu_script_prints_every_promised_figure_on_cpu_with_tiny_sizes():
+    env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=str(wb.repo_root()))
+    out = subprocess.run([sys.executable, str(BENCH / "gpu.py"), "--tiny", "--device", "cpu"], capture_output=True,
+                         text=True, timeout=600, env=env, cwd=wb.repo_root())
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "device cpu" in text and f"torch {torch.__version__}" in text and "CUDA " in text
+    assert "not GPU figures" in text  # a CPU run says what it is
+    figures = [line for line in text.splitlines() if line.startswith("[figure] ")]
+    for label in ("encode alone", "roofline", "pipeline / encode ratio", "CLIP-LoRA step", "CLIP-SVD step",
+                  "CoOp step", "MaPLe step", "CLIP-SVD / CLIP-LoRA", "end to end", "(extrapolated)",
+                  "fp16 autocast vs fp32", "bf16 autocast vs fp32"):
+        assert any(label in f for f in figures), f"no figure labelled {label!r} in:\n{text}"
+    assert not any("failed" in f for f in figures), text
