@@ -119,7 +119,6 @@ def _run(args) -> int:
     import pandas as pd
 
     import workbench as wb
-    from workbench.report import summary_text
 
     pd.set_option("display.width", 160)
     if args.command == "datasets":
@@ -163,9 +162,13 @@ def _run(args) -> int:
         out = Path(args.out) if args.out else Path(args.results).parent / "report"
         print(f"report: {write_report(args.results, out, metric=args.metric)}")
     elif args.command == "summarize":
-        from workbench.report import results_table
+        from workbench.report import results_table, summary_text
 
-        print(summary_text(results_table(args.results), args.metric))
+        from workbench.report import what_the_numbers_show
+
+        table = results_table(args.results)
+        print(summary_text(table, args.metric))
+        print("\n" + what_the_numbers_show(table))
     return 0
 
 

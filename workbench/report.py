@@ -243,6 +243,37 @@ def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
     return "\n\n".join(blocks)
 
 
+def what_the_numbers_show(table: pd.DataFrame) -> str:
+    """One closing line for a results table: backbone(s), data, and what the numbers can and cannot show.
+
+    A backbone without pretrained weights (``pretrained`` empty, e.g. the offline ``workbench-tiny``)
+    is random: its numbers show that the workflow runs and how methods fare on random features,
+    not CLIP's accuracy. States the units: results rows hold fractions (0–1); summaries, reports
+    and plots show percentages.
+    """
+    pairs = sorted({(str(b), p if isinstance(p, str) else "")
+                    for b, p in zip(table["backbone"], table.get("pretrained", [""] * len(table)))})
+    random_ = [b for b, p in pairs if not p or p == "random-init"]
+    named = ", ".join(f"{b} ({p})" if p and p != "random-init" else f"{b} (random weights, no pretraining)"
+                      for b, p in pairs)
+    data = []
+    for name, rows_ in table.groupby("dataset", sort=True):
+        n_test = int(rows_["n_test"].dropna().iloc[0]) if "n_test" in rows_ and rows_["n_test"].notna().any() else None
+        n_cls = n_classes_of(rows_)
+        data.append(f"{name} ({n_cls} classes" + (f", {n_test} test images)" if n_test else ")"))
+    seeds = table["seed"].nunique() if "seed" in table else 0
+    if random_:
+        meaning = ("the backbone is random, so these numbers show that the workflow runs and how methods do on random "
+                   "features — not CLIP's accuracy on this data; for real numbers pass pretrained weights "
+                   "(e.g. backbone='ViT-B-16-quickgelu', pretrained='openai')")
+    else:
+        meaning = (f"test scores of K-shot runs over {seeds} seed(s) (± std over seeds): they estimate this backbone's "
+                   "accuracy on this dataset's test split, not on your own images, and with few seeds or test images "
+                   "small differences between methods are noise")
+    return (f"Backbone {named}; data {', '.join(data)}; {meaning}. Units: results rows hold fractions (0–1); "
+            "summaries, reports and plots show percentages (%).")
+
+
 def plot_curves(table: pd.DataFrame, metric: str | None = None, columns: int = 3):
     """Metric-vs-shots curves, one panel per dataset, each on its own primary metric unless ``metric`` is given."""
     plt = _pyplot()
