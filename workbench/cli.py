@@ -139,6 +139,8 @@ def _run(args) -> int:
         backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
         table = wb.compare(dataset, backbone, args.methods, args.shots, args.seeds,
                            cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out)
+        from workbench.report import summary_text
+
         print(summary_text(table, args.metric))
         print(f"results: {out / 'results.csv'}")
     elif args.command == "recommend":

@@ -77,13 +77,15 @@ def _describe_runs(table: pd.DataFrame) -> str:
     return f"{', '.join(backbones)} · {n_seeds} seed{'s' if n_seeds != 1 else ''}"
 
 
-def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=None, title: str | None = None):
+def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=None, title: str | None = None,
+                           legend: bool = True):
     """Mean ± std over seeds against K, one line per method, for one dataset.
 
     ``metric`` defaults to the dataset's primary metric. The title names the dataset, the
     backbone and the number of seeds; the dotted line is the metric's chance level
     (:func:`chance_level`); error bars of different methods are shifted sideways so they do not
-    hide each other (the K tick marks the true position).
+    hide each other (the K tick marks the true position). The legend sits outside the axes, to
+    their right, so it never covers a point (``legend=False`` leaves it to the caller).
     """
     plt = _pyplot()
     if table.empty:
@@ -112,7 +114,8 @@ def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=No
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{title or table['dataset'].iloc[0]}\n{_describe_runs(table)}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     ax.figure.tight_layout()
     return ax.figure
 
@@ -284,8 +287,20 @@ def plot_curves(table: pd.DataFrame, metric: str | None = None, columns: int = 3
     for ax in axes.flat[len(datasets):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, datasets):
-        plot_accuracy_vs_shots(table[table["dataset"] == name], metric, ax=ax, title=name)
+        plot_accuracy_vs_shots(table[table["dataset"] == name], metric, ax=ax, title=name, legend=False)
+    # one legend for all panels, below them, so that it covers no panel's points
+    entries = {}
+    for ax in axes.flat[:len(datasets)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault("chance level (dotted)" if label.startswith("chance") else label, handle)
+    ncol = min(len(entries), 4)
     fig.tight_layout()
+    if entries:
+        height = fig.get_figheight()
+        legend_in = 0.28 * -(-len(entries) // ncol) + 0.2
+        fig.set_figheight(height + legend_in)
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     return fig
 
 
