@@ -122,7 +122,6 @@ def _run(args) -> int:
     import pandas as pd
 
     import workbench as wb
-    from workbench.report import summary_text
 
     pd.set_option("display.width", 160)
     if args.command == "datasets":
@@ -143,6 +142,8 @@ def _run(args) -> int:
         backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
         table = wb.compare(dataset, backbone, args.methods, args.shots, args.seeds,
                            cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out)
+        from workbench.report import summary_text
+
         print(summary_text(table, args.metric))
         print(f"results: {out / 'results.csv'}")
     elif args.command == "recommend":
@@ -167,9 +168,13 @@ def _run(args) -> int:
         out = Path(args.out) if args.out else Path(args.results).parent / "report"
         print(f"report: {write_report(args.results, out, metric=args.metric)}")
     elif args.command == "summarize":
-        from workbench.report import results_table
+        from workbench.report import results_table, summary_text
 
-        print(summary_text(results_table(args.results), args.metric))
+        from workbench.report import what_the_numbers_show
+
+        table = results_table(args.results)
+        print(summary_text(table, args.metric))
+        print("\n" + what_the_numbers_show(table))
     return 0
 
 

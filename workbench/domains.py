@@ -61,8 +61,12 @@ def _err(file, key, expected, got) -> ConfigError:
     return ConfigError(f"{file}: key {key!r}: expected {expected}, got {got!r}.")
 
 
-def validate_spec(spec: Any, file: str = "<spec>") -> dict:
-    """Check a dataset YAML's structure; errors name the file, the key, what was expected and what came."""
+def validate_spec(spec: Any, file: str = "<spec>", check_presets: bool = True) -> dict:
+    """Check a dataset YAML's structure; errors name the file, the key, what was expected and what came.
+
+    ``check_presets=False`` skips checking ``method_presets`` against the methods' parameters, which
+    imports the method modules (and torch): only for listings, every load checks them.
+    """
     if not isinstance(spec, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level, got {type(spec).__name__}.")
     unknown = sorted(set(spec) - set(TOP_KEYS))
@@ -122,7 +126,8 @@ def validate_spec(spec: Any, file: str = "<spec>") -> dict:
     if spec.get("class_map"):
         _validate_class_map(spec["class_map"], names, file)
     if spec.get("method_presets"):
-        _validate_presets(spec["method_presets"], file)
+        if check_presets:
+            _validate_presets(spec["method_presets"], file)
     if spec.get("paper_protocol"):   # empty (a notebook parameter's default) means none
         _validate_protocol(spec["paper_protocol"], file)
     return spec
@@ -237,17 +242,18 @@ def spec_path(name_or_path: str | Path) -> Path:
     matches = sorted(domains_dir().glob(f"*/{name_or_path}.yaml"))
     if not matches:
         known = [q.stem for q in domains_dir().glob("*/*.yaml")]
-        raise ConfigError(f"no dataset named {str(name_or_path)!r} in {domains_dir()}; known: {sorted(known)}."
+        raise ConfigError(f"no dataset named {str(name_or_path)!r} in {domains_dir()}, and {str(name_or_path)!r} "
+                          f"does not exist as a path in the working directory; known names: {sorted(known)}."
                           + did_you_mean(str(name_or_path), known))
     if len(matches) > 1:
         raise ConfigError(f"dataset name {str(name_or_path)!r} is ambiguous: {[str(m) for m in matches]}; pass the path.")
     return matches[0]
 
 
-def load_spec(name_or_path: str | Path) -> dict:
+def load_spec(name_or_path: str | Path, check_presets: bool = True) -> dict:
     path = spec_path(name_or_path)
     spec = load_yaml(path, what="dataset YAML")
-    spec = validate_spec(spec, str(path))
+    spec = validate_spec(spec, str(path), check_presets)
     spec["_file"] = str(path)
     return spec
 
@@ -261,7 +267,7 @@ def list_datasets(domain: str | None = None) -> "Any":
     if domain and domain not in domains:
         raise ConfigError(f"unknown domain {domain!r}; domains: {domains}." + did_you_mean(domain, domains))
     for path in sorted(domains_dir().glob("*/*.yaml")):
-        spec = load_spec(path)
+        spec = load_spec(path, check_presets=False)  # a listing, without torch; loading the dataset checks them
         if domain and spec["domain"] != domain:
             continue
         src = spec["source"]
@@ -315,17 +321,23 @@ def load_dataset(name_or_path: str | Path, **overrides) -> Dataset:
     from .data.sources import load_user_data
     from .paths import find_existing
 
+    import os
+
     text = str(name_or_path)
     p = Path(text).expanduser()
     if p.suffix.lower() not in (".yaml", ".yml"):
-        plain_name = len(p.parts) == 1 and not p.suffix and not p.is_absolute()
+        # "my_images/" (a trailing separator) is a path, never a dataset name
+        plain_name = (len(p.parts) == 1 and not p.suffix and not p.is_absolute()
+                      and not text.endswith(("/", os.sep)))
         if not (plain_name and any(domains_dir().glob(f"*/{text}.yaml"))):
             found = find_existing(p)
             if found is not None:
                 return load_user_data(path=str(found), **overrides)
             if not plain_name:
-                raise DataError(f"path {text!r} does not exist (looked in the working directory and the repository "
-                                "root). Give an existing image folder, CSV, .npz or dataset YAML.")
+                known = sorted(q.stem for q in domains_dir().glob("*/*.yaml"))
+                raise DataError(f"path {text!r} does not exist (looked for it as a path in the working directory "
+                                f"{os.getcwd()} and in the repository root). Give an existing image folder, CSV, "
+                                f".npz or dataset YAML, or one of the dataset names: {known}.")
     return dataset_from_spec(load_spec(name_or_path), **overrides)
 
 

@@ -42,7 +42,14 @@ class RunResult:
     model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
 
     def __repr__(self) -> str:
-        return f"RunResult({self.row['method']}, K={self.row['shots']}, seed={self.row['seed']}, acc={self.row['accuracy']:.4f})"
+        r = self.row
+        metric = r.get("metric") or "accuracy"
+        val = r.get(f"val_{metric}")
+        val_text = f", K-shot val {100 * val:.1f}%" if isinstance(val, (int, float)) and val == val else ""
+        saved = f"; model in {self.model_dir}" if self.model_dir else ""
+        return (f"RunResult({r['method']} on {r['dataset']} with {r['backbone']} "
+                f"({r.get('pretrained') or 'random weights'}), K={r['shots']}, seed={r['seed']}: test "
+                f"{metric.replace('_', ' ')} {100 * r[metric]:.1f}%{val_text}{saved})")
 
 
 def _as_method(method: str | Method, params: dict | None) -> Method:
@@ -279,6 +286,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
         method_class(m)  # fail on a misspelt name before any work
     shots = [check_shots(k, "compare") for k in shots]
     seeds = [check_seed(s, "compare") for s in seeds]
+    if protocol in ("default", "cross_dataset"):
+        from .data.sampling import check_shots_fit
+
+        for k in shots:  # every K against the classes' training images, before any encoding
+            check_shots_fit(dataset, k)
     for m in methods:  # types and bounds of every method's parameters, before the first run
         get_method(m, **((method_params or {}).get(m) or {}))
     unknown = sorted(set(method_params or {}) - set(methods))

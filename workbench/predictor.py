@@ -38,6 +38,48 @@ def _as_image_list(images) -> list:
     return list(images)
 
 
+class Predictions(pd.DataFrame):
+    """``predict()``'s table; printed as what a reader wants first, every column still there.
+
+    The table holds ``image``, ``label``, ``confidence`` (the label's probability, a fraction in
+    0–1), with ``coverage=`` a ``prediction_set`` and ``set_size``, then one probability column per
+    class. Printed (or shown in a notebook) it gives those leading columns plus the three most
+    probable classes, instead of a row cut to "image … <last class>" by the terminal width.
+    """
+
+    _LEAD = ("image", "label", "confidence", "prediction_set", "set_size")
+
+    @property
+    def _constructor(self):
+        return Predictions
+
+    def _readable(self) -> pd.DataFrame | None:
+        lead = [c for c in self._LEAD if c in self.columns]
+        classes = [c for c in self.columns if c not in self._LEAD]
+        if "label" not in lead:
+            return None
+        view = pd.DataFrame(self[lead])
+        if "confidence" in view:
+            view["confidence"] = [f"{100 * v:.1f}%" for v in view["confidence"]]
+        if len(classes) > 1:
+            probs = self[classes].to_numpy(dtype=float)
+            view["top classes"] = [", ".join(f"{classes[j]} {100 * row[j]:.0f}%" for j in row.argsort()[::-1][:3])
+                                   for row in probs]
+        return view
+
+    def __repr__(self) -> str:
+        view = self._readable()
+        if view is None:
+            return super().__repr__()
+        more = "" if "prediction_set" in self.columns else "; predict(..., coverage=0.9) adds prediction sets"
+        return (f"{view.to_string(index=False)}\n[{len(self)} image(s); one probability column per class "
+                f"(table['<class>']){more}]")
+
+    def _repr_html_(self):
+        view = self._readable()
+        return super()._repr_html_() if view is None else view._repr_html_()
+
+
 class Predictor:
     def __init__(self, backbone, method: Method, templates: Sequence[str] | None = None, metrics: dict | None = None,
                  calibration: tuple[torch.Tensor, torch.Tensor] | None = None, calibration_certified: bool = False):
@@ -110,7 +152,17 @@ class Predictor:
             sets = self.conformal(coverage, class_conditional, score).predict_sets(probs_t)
             table.insert(3, "prediction_set", [[names[c] for c in row.nonzero().flatten().tolist()] for row in sets])
             table.insert(4, "set_size", sets.sum(1).numpy())
-        return table
+        return Predictions(table)
+
+    def __repr__(self) -> str:
+        b = self.backbone
+        fitted = {k: v for k, v in self.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        score = ", ".join(f"test {k.replace('_', ' ')} {100 * v:.1f}%" for k, v in list(fitted.items())[:2])
+        return (f"Predictor({self.method.name} on {b.name} ({b.pretrained or 'random weights'}), "
+                f"{len(self.class_names)} classes: {', '.join(self.class_names[:4])}"
+                f"{', …' if len(self.class_names) > 4 else ''}"
+                f"{'; run ' + score if score else ''}; prediction sets: "
+                f"{'yes (coverage=…)' if self.calibration is not None else 'no calibration images'}; device {b.device})")
 
     def conformal(self, coverage: float = 0.9, class_conditional: bool = False, score: str = "lac"):
         """A :class:`~workbench.conformal.ConformalCalibrator` fitted on the stored validation probabilities."""

@@ -77,13 +77,15 @@ def _describe_runs(table: pd.DataFrame) -> str:
     return f"{', '.join(backbones)} · {n_seeds} seed{'s' if n_seeds != 1 else ''}"
 
 
-def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=None, title: str | None = None):
+def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=None, title: str | None = None,
+                           legend: bool = True):
     """Mean ± std over seeds against K, one line per method, for one dataset.
 
     ``metric`` defaults to the dataset's primary metric. The title names the dataset, the
     backbone and the number of seeds; the dotted line is the metric's chance level
     (:func:`chance_level`); error bars of different methods are shifted sideways so they do not
-    hide each other (the K tick marks the true position).
+    hide each other (the K tick marks the true position). The legend sits outside the axes, to
+    their right, so it never covers a point (``legend=False`` leaves it to the caller).
     """
     plt = _pyplot()
     if table.empty:
@@ -112,7 +114,8 @@ def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=No
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{title or table['dataset'].iloc[0]}\n{_describe_runs(table)}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     ax.figure.tight_layout()
     return ax.figure
 
@@ -248,6 +251,37 @@ def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
     return "\n\n".join(blocks)
 
 
+def what_the_numbers_show(table: pd.DataFrame) -> str:
+    """One closing line for a results table: backbone(s), data, and what the numbers can and cannot show.
+
+    A backbone without pretrained weights (``pretrained`` empty, e.g. the offline ``workbench-tiny``)
+    is random: its numbers show that the workflow runs and how methods fare on random features,
+    not CLIP's accuracy. States the units: results rows hold fractions (0–1); summaries, reports
+    and plots show percentages.
+    """
+    pairs = sorted({(str(b), p if isinstance(p, str) else "")
+                    for b, p in zip(table["backbone"], table.get("pretrained", [""] * len(table)))})
+    random_ = [b for b, p in pairs if not p or p == "random-init"]
+    named = ", ".join(f"{b} ({p})" if p and p != "random-init" else f"{b} (random weights, no pretraining)"
+                      for b, p in pairs)
+    data = []
+    for name, rows_ in table.groupby("dataset", sort=True):
+        n_test = int(rows_["n_test"].dropna().iloc[0]) if "n_test" in rows_ and rows_["n_test"].notna().any() else None
+        n_cls = n_classes_of(rows_)
+        data.append(f"{name} ({n_cls} classes" + (f", {n_test} test images)" if n_test else ")"))
+    seeds = table["seed"].nunique() if "seed" in table else 0
+    if random_:
+        meaning = ("the backbone is random, so these numbers show that the workflow runs and how methods do on random "
+                   "features — not CLIP's accuracy on this data; for real numbers pass pretrained weights "
+                   "(e.g. backbone='ViT-B-16-quickgelu', pretrained='openai')")
+    else:
+        meaning = (f"test scores of K-shot runs over {seeds} seed(s) (± std over seeds): they estimate this backbone's "
+                   "accuracy on this dataset's test split, not on your own images, and with few seeds or test images "
+                   "small differences between methods are noise")
+    return (f"Backbone {named}; data {', '.join(data)}; {meaning}. Units: results rows hold fractions (0–1); "
+            "summaries, reports and plots show percentages (%).")
+
+
 def plot_curves(table: pd.DataFrame, metric: str | None = None, columns: int = 3):
     """Metric-vs-shots curves, one panel per dataset, each on its own primary metric unless ``metric`` is given."""
     plt = _pyplot()
@@ -258,8 +292,20 @@ def plot_curves(table: pd.DataFrame, metric: str | None = None, columns: int = 3
     for ax in axes.flat[len(datasets):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, datasets):
-        plot_accuracy_vs_shots(table[table["dataset"] == name], metric, ax=ax, title=name)
+        plot_accuracy_vs_shots(table[table["dataset"] == name], metric, ax=ax, title=name, legend=False)
+    # one legend for all panels, below them, so that it covers no panel's points
+    entries = {}
+    for ax in axes.flat[:len(datasets)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault("chance level (dotted)" if label.startswith("chance") else label, handle)
+    ncol = min(len(entries), 4)
     fig.tight_layout()
+    if entries:
+        height = fig.get_figheight()
+        legend_in = 0.28 * -(-len(entries) // ncol) + 0.2
+        fig.set_figheight(height + legend_in)
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     return fig
 
 

@@ -263,6 +263,13 @@ def sample_few_shot(dataset: Dataset, shots: int | None, seed: int, *, val_shots
     return split
 
 
+def check_shots_fit(dataset: Dataset, shots: int) -> None:
+    """Refuse, before any work, a K larger than some class's training images (the DataError of sampling)."""
+    train_pool = dataset.split("train")
+    class_sizes = [sum(1 for s in train_pool if s.label == label) for label in range(dataset.n_classes)]
+    _check_classes_hold(dataset, shots, class_sizes)
+
+
 def _check_classes_hold(dataset: Dataset, shots: int, class_sizes: list[int]) -> None:
     """K support images per class must exist in every class: else a DataError naming the smallest class."""
     short = [(n, cid) for cid, n in zip(dataset.class_ids, class_sizes) if n < shots]

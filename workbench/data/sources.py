@@ -194,6 +194,14 @@ def from_folder(root, *, name: str | None = None, class_names=None, layout: str 
                             "training split. Add images or delete the empty folder.")
     check_bad_fraction(name, total, skipped, max_bad_fraction)
     notes: list[str] = []
+    manifests = sorted(p.relative_to(root).as_posix() for d in {root, *folders.values()}
+                       for p in d.glob("*.csv") if p.is_file())
+    if manifests:  # a labels file next to the class folders is not read: say so instead of ignoring it silently
+        msg = (f"image folder {str(root)!r}: found CSV file(s) {manifests} but the folder was read by its "
+               "class sub-folders; to use a CSV's labels instead, load it with from_csv / "
+               "load_dataset('<folder>/<file>.csv')")
+        notes.append(msg)
+        warnings.warn(f"dataset {name!r}: {msg}.", stacklevel=2)
     if ignored:
         notes.append(f"ignored {ignored} file(s) whose extension is not an image extension {sorted(exts)}")
     if skipped:
