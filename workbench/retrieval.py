@@ -1,0 +1,190 @@
+"""Image–text retrieval: R@1/5/10 both ways and mean recall, from cached embeddings, in chunks.
+
+The protocol is RemoteCLIP's (Liu, Chen et al., IEEE TGRS 2024; ChenDelong1999/RemoteCLIP
+``retrieval.py::retrieval_evaluation``), which calls ``recall_at_k`` of LAION's CLIP_benchmark
+(``clip_benchmark/metrics/zeroshot_retrieval.py``):
+
+* every caption is a text query; an image with five captions contributes five queries;
+* **text→image R@k**: a caption scores 1 when *its* image is among the k images most similar to
+  it; averaged over all captions;
+* **image→text R@k**: an image scores 1 when *at least one* of its captions is among the k
+  captions most similar to it (the reference's ``recall > 0``); averaged over images;
+* both ×100; **mean recall** = the arithmetic mean of the six numbers.
+
+Deliberate difference: the reference materialises the full texts × images score matrix (and a
+one-hot of the top-k, ``texts × k × images``); here the scores are computed in row chunks sized
+by a memory budget and each query's hit is decided by the *rank* of its best positive (the count
+of candidates scoring strictly higher), so 50,000 images × 250,000 captions never sit in memory
+at once. The two agree except on exact score ties, where ``torch.topk``'s order is unspecified
+and the rank rule counts the positive as found (tested against a float64 brute force).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, DataError
+
+KS = (1, 5, 10)
+#: memory for one chunk of scores (float32) by default
+CHUNK_MEMORY_MB = 256
+RETRIEVAL_COLUMNS = ["mean_recall", *(f"i2t_R@{k}" for k in KS), *(f"t2i_R@{k}" for k in KS), "n_captions",
+                     "captions_truncated"]
+
+
+def _rows_per_chunk(n_cols: int, memory_mb: float) -> int:
+    # scores (4 bytes) + a comparison mask (1 byte) per cell
+    return max(1, int(memory_mb * 2**20 // (5 * max(n_cols, 1))))
+
+
+def retrieval_recalls(image_features: torch.Tensor, text_features: torch.Tensor, text_image: Sequence[int],
+                      ks: Sequence[int] = KS, memory_mb: float = CHUNK_MEMORY_MB,
+                      device: torch.device | str | None = None) -> dict:
+    """Recall@k both ways and mean recall (×100) from L2-normalised features.
+
+    ``text_image[t]`` is the index (row of ``image_features``) of the image caption ``t``
+    describes. Work is done in chunks of rows whose score block fits ``memory_mb``.
+    """
+    img = F.normalize(torch.as_tensor(image_features).float(), dim=-1)
+    txt = F.normalize(torch.as_tensor(text_features).float(), dim=-1)
+    owner = torch.as_tensor(list(text_image) if not torch.is_tensor(text_image) else text_image, dtype=torch.long)
+    n_img, n_txt = len(img), len(txt)
+    if len(owner) != n_txt:
+        raise ConfigError(f"retrieval: {n_txt} text features but {len(owner)} caption owners.")
+    if n_img == 0 or n_txt == 0:
+        raise DataError("retrieval: no images or no captions to evaluate.")
+    if owner.min() < 0 or owner.max() >= n_img:
+        raise DataError(f"retrieval: a caption names image {int(owner.max())}, outside 0..{n_img - 1}.")
+    captions_per_image = torch.bincount(owner, minlength=n_img)
+    if (captions_per_image == 0).any():
+        bad = torch.nonzero(captions_per_image == 0).flatten()[:5].tolist()
+        raise DataError(f"retrieval: image(s) {bad} have no caption; every image needs at least one.")
+    ks = sorted({int(k) for k in ks})
+    device = torch.device(device) if device is not None else img.device
+    img_d, txt_d, owner_d = img.to(device), txt.to(device), owner.to(device)
+
+    # text -> image: rank of the caption's own image among all images
+    t2i_rank = torch.empty(n_txt, dtype=torch.long)
+    step = _rows_per_chunk(n_img, memory_mb)
+    for start in range(0, n_txt, step):
+        scores = txt_d[start:start + step] @ img_d.T
+        own = scores.gather(1, owner_d[start:start + step, None])
+        t2i_rank[start:start + step] = (scores > own).sum(1).cpu()
+
+    # image -> text: rank of the image's best-scoring caption among all captions
+    i2t_rank = torch.empty(n_img, dtype=torch.long)
+    step = _rows_per_chunk(n_txt, memory_mb)
+    for start in range(0, n_img, step):
+        rows = torch.arange(start, min(start + step, n_img), device=device)
+        scores = img_d[start:start + step] @ txt_d.T
+        mine = owner_d[None, :] == rows[:, None]
+        best = scores.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
+        i2t_rank[start:start + step] = (scores > best).sum(1).cpu()
+
+    out = {}
+    for k in ks:
+        out[f"i2t_R@{k}"] = float((i2t_rank < k).double().mean()) * 100
+    for k in ks:
+        out[f"t2i_R@{k}"] = float((t2i_rank < k).double().mean()) * 100
+    out["mean_recall"] = sum(out.values()) / len(out)
+    return out
+
+
+def _text_cache_path(cache, backbone, texts: Sequence[str]) -> Path | None:
+    root = getattr(cache, "root", None)
+    if root is None:
+        return None
+    h = hashlib.sha256(json.dumps([backbone.provenance_id, list(texts)], ensure_ascii=False).encode()).hexdigest()
+    return Path(root) / "text" / f"{h[:32]}.safetensors"
+
+
+def text_embeddings(backbone, texts: Sequence[str], cache=None, batch_size: int = 256) -> torch.Tensor:
+    """Normalised caption embeddings, cached on disk next to the image features (keyed by the
+    backbone's weights and the exact texts; safetensors, never a pickle)."""
+    from safetensors.torch import load_file, save_file
+
+    path = _text_cache_path(cache, backbone, texts)
+    if path is not None and path.exists():
+        feats = load_file(str(path)).get("text")
+        if feats is not None and len(feats) == len(texts):
+            return feats
+    chunks = []
+    tokens_all = list(texts)
+    for start in range(0, len(tokens_all), batch_size):
+        tokens = backbone.tokenize(tokens_all[start:start + batch_size]).to(backbone.device)
+        with torch.inference_mode(), backbone.autocast():
+            chunks.append(F.normalize(backbone.model.encode_text(tokens).float(), dim=-1).cpu())
+    feats = torch.cat(chunks) if chunks else torch.zeros(0, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"text": feats.contiguous()}, str(tmp))
+        tmp.replace(path)
+    return feats
+
+
+def pair_embeddings(pairs, backbone, split: str = "test", cache=None) -> dict:
+    """``{"image", "text", "owner", "truncation"}`` for one split: image features through the one
+    :class:`~workbench.features.FeatureCache`, caption features cached beside them."""
+    from .data.pairs import caption_truncation
+    from .features import FeatureCache
+
+    cache = cache if cache is not None else FeatureCache(backbone, None, show_progress=False)
+    view = pairs.image_view()
+    samples = view.split(split)
+    if not samples:
+        raise DataError(f"pair dataset {pairs.name!r}: split {split!r} is empty.")
+    image = F.normalize(cache.get(view, samples, desc=f"encode {pairs.name}/{split}").x.float(), dim=-1)
+    texts, owner = pairs.texts(split)
+    return {"image": image, "text": text_embeddings(backbone, texts, cache), "owner": owner,
+            "truncation": caption_truncation(texts, backbone.tokenizer)}
+
+
+def evaluate_retrieval(pairs, backbone, split: str = "test", cache=None, memory_mb: float = CHUNK_MEMORY_MB) -> dict:
+    """Recalls of ``backbone`` on ``split`` of a pair dataset, with counts (see :func:`retrieval_recalls`)."""
+    emb = pair_embeddings(pairs, backbone, split, cache)
+    scores = retrieval_recalls(emb["image"], emb["text"], emb["owner"], memory_mb=memory_mb,
+                               device=backbone.device)
+    return {**scores, "n_images": len(emb["image"]), "n_captions": len(emb["text"]),
+            "captions_truncated": emb["truncation"]["truncated"], "truncation": emb["truncation"]}
+
+
+def retrieval_row(pairs, backbone, method: str = "zero_shot", seed: int = 0, *, cache=None, adapted=None,
+                  fit_seconds: float = float("nan"), fit_info: dict | None = None, out_dir=None,
+                  domain: str | None = None) -> dict:
+    """One ``protocol="retrieval"`` row of the results table: the test split's recalls.
+
+    ``method="zero_shot"`` scores ``backbone`` as it is; for a pairs method pass the fine-tuned
+    backbone as ``adapted`` (what it saw while fitting goes into ``fit_info``: the train split,
+    and the val split for WiSE-FT's α — never test).
+    """
+    from .protocols import _blank_row, _run_id, _save_record
+
+    class _Named:  # _blank_row wants a dataset with a name, domain, metric, class count
+        name, n_classes, metric = pairs.name, 0, "mean_recall"
+        domain = pairs.domain
+
+    row = _blank_row(_Named, backbone, method, 0, seed, "retrieval", domain)
+    row["metric"] = "mean_recall"
+    t0 = time.perf_counter()
+    scores = evaluate_retrieval(pairs, adapted or backbone, "test", cache)
+    row.update({k: scores[k] for k in RETRIEVAL_COLUMNS})
+    row.update({"n_test": scores["n_images"], "fit_seconds": fit_seconds,
+                "predict_seconds": time.perf_counter() - t0, "skipped_images": len(pairs.skipped),
+                "note": pairs.card[:200] if pairs.card else ""})
+    row["run_id"] = _run_id(f"{pairs.name}-{method}-s{seed}-retrieval",
+                            [backbone.provenance_id, (adapted or backbone).provenance_id, pairs.fingerprint()])
+    _save_record(out_dir, row, {"protocol": {"protocol": "retrieval", "split": "test",
+                                             "reference": "RemoteCLIP retrieval.py / clip_benchmark recall_at_k"},
+                                "data": {"fingerprint": pairs.fingerprint(), "source": pairs.source,
+                                         "notes": pairs.notes, "card": pairs.card,
+                                         "truncation": scores["truncation"]},
+                                "fit": fit_info or {}, "backbone": (adapted or backbone).provenance()},
+                 backbone.device)
+    return row
