@@ -187,3 +187,43 @@ def test_chunked_recalls_equal_a_float64_brute_force(memory_mb):
 def test_recalls_refuse_an_image_without_caption():
     with pytest.raises(DataError, match=r"image\(s\) \[1\] have no caption"):
         retrieval_recalls(torch.randn(3, 4), torch.randn(2, 4), [0, 2])
+
+
+def test_retrieval_rows_join_the_results_table_and_resume(backbone, tmp_path):
+    from workbench.data.pairs import PairDataset
+
+    full = load_pairs("whu_rs19_pairs")
+    small = PairDataset("whu_small_pairs", {"train": full.split("train")[:8], "test": full.split("test")[:6]},
+                        reader=full.reader, card=full.card)
+    out = tmp_path / "results"
+    table = wb.compare(small, backbone, ["zero_shot", "pairs_svd"], shots=[1], seeds=[0], out_dir=out,
+                       method_params={"pairs_svd": {"steps": 1, "batch_size": 8}})
+    assert list(table.columns) == wb.experiment.TABLE_COLUMNS and list(table["method"]) == ["zero_shot", "pairs_svd"]
+    assert (table["protocol"] == "retrieval").all() and (table["metric"] == "mean_recall").all()
+    zs = table.iloc[0]
+    assert zs["n_test"] == 6 and zs["n_captions"] == 30 and 0 <= zs["mean_recall"] <= 1
+    emb = wb.retrieval.pair_embeddings(small, backbone, "test")
+    ref = _brute_force(emb["image"].numpy(), emb["text"].numpy(), np.array(emb["owner"]))
+    assert zs["mean_recall"] == pytest.approx(ref["mean_recall"] / 100, abs=1e-9)
+    assert "not language understanding" in zs["note"]
+    summary = wb.summarize(wb.results.read_table(out / "results.csv"))
+    assert set(summary["metric"]) == {"mean_recall"} and (summary["mean"] <= 100).all()
+    again = wb.compare(small, backbone, ["zero_shot", "pairs_svd"], shots=[1], seeds=[0], out_dir=out,
+                       method_params={"pairs_svd": {"steps": 1, "batch_size": 8}})
+    assert list(again["run_id"]) == list(table["run_id"])   # resumed from the table, not refitted
+    with pytest.raises(ConfigError, match="method 'gda' does not support retrieval tasks"):
+        wb.compare(small, backbone, ["gda"], shots=[1], seeds=[0])
+    with pytest.raises(ConfigError, match="needs an image–text pair dataset"):
+        wb.compare(wb.load_dataset("whu_rs19_mini"), backbone, ["zero_shot"], shots=[1], seeds=[0],
+                   protocol="retrieval")
+
+
+def test_tied_scores_are_broken_by_index_as_a_stable_sort():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    txt = torch.tensor([[0.6, 0.8], [0.6, 0.8], [1.0, 0.0], [0.0, 1.0]])   # two identical captions
+    owner = [1, 2, 0, 2]
+    got = retrieval_recalls(img, txt, owner)
+    ref = _brute_force(img.numpy(), txt.numpy(), np.array(owner))
+    assert {k: round(v, 9) for k, v in got.items()} == {k: round(v, 9) for k, v in ref.items()}
+    # image 2's own caption (index 1) ties with image 1's identical caption (index 0), which comes first
+    assert got["i2t_R@1"] == pytest.approx(100 / 3)

@@ -14,9 +14,10 @@ The protocol is RemoteCLIP's (Liu, Chen et al., IEEE TGRS 2024; ChenDelong1999/R
 Deliberate difference: the reference materialises the full texts × images score matrix (and a
 one-hot of the top-k, ``texts × k × images``); here the scores are computed in row chunks sized
 by a memory budget and each query's hit is decided by the *rank* of its best positive (the count
-of candidates scoring strictly higher), so 50,000 images × 250,000 captions never sit in memory
-at once. The two agree except on exact score ties, where ``torch.topk``'s order is unspecified
-and the rank rule counts the positive as found (tested against a float64 brute force).
+of candidates ranked before it), so 50,000 images × 250,000 captions never sit in memory at once.
+Exact score ties (duplicate captions are common in RSICD) are broken by index, as a stable
+descending sort does; ``torch.topk`` leaves their order unspecified, so on tied scores the
+reference itself is not deterministic. Tested against a float64 brute force with a stable argsort.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ RETRIEVAL_COLUMNS = ["mean_recall", *(f"i2t_R@{k}" for k in KS), *(f"t2i_R@{k}" 
 
 
 def _rows_per_chunk(n_cols: int, memory_mb: float) -> int:
-    # scores (4 bytes) + a comparison mask (1 byte) per cell
-    return max(1, int(memory_mb * 2**20 // (5 * max(n_cols, 1))))
+    # per cell: scores (4 bytes), an index (8 bytes) and a few boolean masks
+    return max(1, int(memory_mb * 2**20 // (16 * max(n_cols, 1))))
 
 
 def retrieval_recalls(image_features: torch.Tensor, text_features: torch.Tensor, text_image: Sequence[int],
@@ -72,20 +73,27 @@ def retrieval_recalls(image_features: torch.Tensor, text_features: torch.Tensor,
     # text -> image: rank of the caption's own image among all images
     t2i_rank = torch.empty(n_txt, dtype=torch.long)
     step = _rows_per_chunk(n_img, memory_mb)
+    image_index = torch.arange(n_img, device=device)
     for start in range(0, n_txt, step):
         scores = txt_d[start:start + step] @ img_d.T
-        own = scores.gather(1, owner_d[start:start + step, None])
-        t2i_rank[start:start + step] = (scores > own).sum(1).cpu()
+        mine = owner_d[start:start + step, None]
+        own = scores.gather(1, mine)
+        ahead = (scores > own) | ((scores == own) & (image_index[None, :] < mine))   # ties: lower index first
+        t2i_rank[start:start + step] = ahead.sum(1).cpu()
 
     # image -> text: rank of the image's best-scoring caption among all captions
     i2t_rank = torch.empty(n_img, dtype=torch.long)
     step = _rows_per_chunk(n_txt, memory_mb)
+    text_index = torch.arange(n_txt, device=device)
     for start in range(0, n_img, step):
         rows = torch.arange(start, min(start + step, n_img), device=device)
         scores = img_d[start:start + step] @ txt_d.T
         mine = owner_d[None, :] == rows[:, None]
         best = scores.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
-        i2t_rank[start:start + step] = (scores > best).sum(1).cpu()
+        # the first of the image's captions in a stable descending order: best score, then lowest index
+        first = torch.where(mine & (scores == best), text_index[None, :], n_txt).amin(1, keepdim=True)
+        ahead = (scores > best) | ((scores == best) & (text_index[None, :] < first))
+        i2t_rank[start:start + step] = ahead.sum(1).cpu()
 
     out = {}
     for k in ks:
@@ -174,10 +182,12 @@ def retrieval_row(pairs, backbone, method: str = "zero_shot", seed: int = 0, *, 
     row["metric"] = "mean_recall"
     t0 = time.perf_counter()
     scores = evaluate_retrieval(pairs, adapted or backbone, "test", cache)
-    row.update({k: scores[k] for k in RETRIEVAL_COLUMNS})
+    # the table holds fractions, as accuracy does (summaries show x100); n_captions, captions_truncated: counts
+    row.update({k: scores[k] / 100 if k.startswith(("mean_recall", "i2t_", "t2i_")) else scores[k]
+                for k in RETRIEVAL_COLUMNS})
     row.update({"n_test": scores["n_images"], "fit_seconds": fit_seconds,
                 "predict_seconds": time.perf_counter() - t0, "skipped_images": len(pairs.skipped),
-                "note": pairs.card[:200] if pairs.card else ""})
+                "note": pairs.card or ""})
     row["run_id"] = _run_id(f"{pairs.name}-{method}-s{seed}-retrieval",
                             [backbone.provenance_id, (adapted or backbone).provenance_id, pairs.fingerprint()])
     _save_record(out_dir, row, {"protocol": {"protocol": "retrieval", "split": "test",
@@ -188,3 +198,59 @@ def retrieval_row(pairs, backbone, method: str = "zero_shot", seed: int = 0, *, 
                                 "fit": fit_info or {}, "backbone": (adapted or backbone).provenance()},
                  backbone.device)
     return row
+
+
+def compare_retrieval(pairs, backbone, methods: Sequence[str], seeds: Sequence[int] = (0,), *, cache=None,
+                      method_params: dict | None = None, out_dir=None, domain: str | None = None,
+                      resume: bool = True):
+    """``compare(pairs, ..., protocol="retrieval")``: one row per (method, seed) in the one results table.
+
+    ``"zero_shot"`` scores the backbone as it is; a ``pairs`` method (``pairs_lora``, ``pairs_svd``,
+    ``pairs_full``) is fitted on the train split (val for WiSE-FT) and its fine-tuned backbone
+    scored on test. A classification-only method is refused, naming the methods that support pairs.
+    """
+    import pandas as pd
+
+    from .data.pairs import PairDataset
+    from .features import FeatureCache
+    from .methods.pairs.contrastive import fine_tune_pairs
+    from .methods.registry import check_method_task
+    from .results import ResultsTable, make_cell
+
+    if not isinstance(pairs, PairDataset):
+        raise ConfigError(f"protocol 'retrieval' needs an image–text pair dataset (wb.load_pairs(...)); "
+                          f"{getattr(pairs, 'name', pairs)!r} is a classification dataset.")
+    for m in methods:
+        if m != "zero_shot":
+            check_method_task(m, "retrieval")
+    unknown = sorted(set(method_params or {}) - set(methods))
+    if unknown:
+        raise ConfigError(f"method_params names {unknown}, which are not among the methods {list(methods)}.")
+    cache = cache if cache is not None else FeatureCache(backbone, None, show_progress=False)
+    table = ResultsTable(out_dir) if out_dir is not None else None
+    done = table.done_rows() if (table is not None and resume) else {}
+    rows = []
+    for m in methods:
+        params = dict((method_params or {}).get(m) or {})
+        for seed in seeds:
+            cell = make_cell(pairs.name, backbone.name, backbone.pretrained, m, 0, int(seed), params=params,
+                             protocol="retrieval")
+            if cell["cell_id"] in done:
+                rows.append(done[cell["cell_id"]])
+                continue
+            if m == "zero_shot":
+                row = retrieval_row(pairs, backbone, m, int(seed), cache=cache, out_dir=out_dir, domain=domain,
+                                    fit_seconds=0.0, fit_info={"saw": "nothing (the backbone as it is)"})
+            else:
+                t0 = time.perf_counter()
+                fitted = fine_tune_pairs(pairs, backbone, m, cache=cache, **{"seed": int(seed), **params})
+                row = retrieval_row(pairs, backbone, m, int(seed), cache=cache, adapted=fitted.backbone_,
+                                    fit_seconds=time.perf_counter() - t0, fit_info=fitted.fit_info,
+                                    out_dir=out_dir, domain=domain)
+            row.update({"cell_id": cell["cell_id"], "method_label": m})
+            if table is not None:
+                table.append(row, replace=not resume)
+            rows.append(row)
+    from .experiment import TABLE_COLUMNS
+
+    return pd.DataFrame(rows).reindex(columns=TABLE_COLUMNS)
