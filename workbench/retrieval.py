@@ -40,8 +40,8 @@ RETRIEVAL_COLUMNS = ["mean_recall", *(f"i2t_R@{k}" for k in KS), *(f"t2i_R@{k}" 
 
 
 def _rows_per_chunk(n_cols: int, memory_mb: float) -> int:
-    # per cell: scores (4 bytes), an index (8 bytes) and a few boolean masks
-    return max(1, int(memory_mb * 2**20 // (16 * max(n_cols, 1))))
+    # per cell: the scores (4 bytes) and the top-k selection's work space
+    return max(1, int(memory_mb * 2**20 // (8 * max(n_cols, 1))))
 
 
 def retrieval_recalls(image_features: torch.Tensor, text_features: torch.Tensor, text_image: Sequence[int],
@@ -70,30 +70,55 @@ def retrieval_recalls(image_features: torch.Tensor, text_features: torch.Tensor,
     device = torch.device(device) if device is not None else img.device
     img_d, txt_d, owner_d = img.to(device), txt.to(device), owner.to(device)
 
-    # text -> image: rank of the caption's own image among all images
-    t2i_rank = torch.empty(n_txt, dtype=torch.long)
-    step = _rows_per_chunk(n_img, memory_mb)
-    image_index = torch.arange(n_img, device=device)
-    for start in range(0, n_txt, step):
-        scores = txt_d[start:start + step] @ img_d.T
-        mine = owner_d[start:start + step, None]
-        own = scores.gather(1, mine)
-        ahead = (scores > own) | ((scores == own) & (image_index[None, :] < mine))   # ties: lower index first
-        t2i_rank[start:start + step] = ahead.sum(1).cpu()
-
-    # image -> text: rank of the image's best-scoring caption among all captions
+    # One pass over chunks of images: each score block (images x all captions) serves both directions,
+    # so every score is computed once, as in the reference's single matrix. Only ranks below max(ks)
+    # matter: a query's rank is counted among the top scores of its row (exact below max(ks)); rows
+    # with a score tie in that range (rare, except for duplicate captions) are recounted exactly with
+    # the lower-index-first rule.
+    n_caps = int(captions_per_image.max())
+    order = torch.argsort(owner, stable=True)
+    slot = torch.arange(n_txt) - torch.repeat_interleave(torch.cumsum(captions_per_image, 0) - captions_per_image,
+                                                         captions_per_image)
+    caption_table = torch.full((n_img, n_caps), -1, dtype=torch.long)
+    caption_table[owner[order], slot] = order                   # image -> its caption indices (-1: none)
+    caption_table = caption_table.to(device)
+    top_t, top_i = min(ks[-1], n_txt), min(ks[-1], n_img)
     i2t_rank = torch.empty(n_img, dtype=torch.long)
-    step = _rows_per_chunk(n_txt, memory_mb)
+    t2i_top = torch.full((top_i, n_txt), float("-inf"), device=device)   # per caption: its best image scores
+    t2i_own = torch.empty(n_txt, device=device)                           # per caption: its own image's score
     text_index = torch.arange(n_txt, device=device)
+    step = _rows_per_chunk(n_txt, memory_mb)
     for start in range(0, n_img, step):
-        rows = torch.arange(start, min(start + step, n_img), device=device)
         scores = img_d[start:start + step] @ txt_d.T
-        mine = owner_d[None, :] == rows[:, None]
-        best = scores.masked_fill(~mine, float("-inf")).amax(1, keepdim=True)
-        # the first of the image's captions in a stable descending order: best score, then lowest index
-        first = torch.where(mine & (scores == best), text_index[None, :], n_txt).amin(1, keepdim=True)
-        ahead = (scores > best) | ((scores == best) & (text_index[None, :] < first))
-        i2t_rank[start:start + step] = ahead.sum(1).cpu()
+        stop = start + len(scores)
+        caps = caption_table[start:stop]
+        own = scores.gather(1, caps.clamp(min=0)).masked_fill(caps < 0, float("-inf"))
+        # image -> text: rank of the image's first caption in a stable order (best score, lowest index)
+        best = own.amax(1, keepdim=True)
+        top = torch.topk(scores, top_t, dim=1).values
+        rank = (top > best).sum(1)
+        tied = torch.nonzero((top == best).sum(1) > 1).flatten()
+        if len(tied):
+            first = torch.where(own[tied] == best[tied], caps[tied], n_txt).amin(1, keepdim=True)
+            row = scores[tied]
+            rank[tied] = ((row > best[tied]) | ((row == best[tied]) & (text_index[None, :] < first))).sum(1)
+        i2t_rank[start:stop] = rank.cpu()
+        # text -> image: keep each caption's top scores over the images seen so far, and its own score
+        inside = (owner_d >= start) & (owner_d < stop)
+        t2i_own[inside] = scores[owner_d[inside] - start, text_index[inside]]
+        block = torch.topk(scores, min(top_i, len(scores)), dim=0).values
+        t2i_top = torch.topk(torch.cat([t2i_top, block]), top_i, dim=0).values
+    own = t2i_own[None, :]
+    t2i_rank = (t2i_top > own).sum(0)
+    tied = torch.nonzero((t2i_top == own).sum(0) > 1).flatten()
+    if len(tied):
+        image_index = torch.arange(n_img, device=device)
+        for part in tied.split(_rows_per_chunk(n_img, memory_mb)):
+            row = txt_d[part] @ img_d.T
+            mine = owner_d[part, None]
+            own_part = row.gather(1, mine)   # from this same product, so ties compare equal bits
+            t2i_rank[part] = ((row > own_part) | ((row == own_part) & (image_index[None, :] < mine))).sum(1)
+    t2i_rank = t2i_rank.cpu()
 
     out = {}
     for k in ks:
