@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/training_free.py
 	$(BIN)/python bench/fine_tuning.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/pairs.py
 
 clean:
 	rm -rf outputs .pytest_cache

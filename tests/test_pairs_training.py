@@ -146,3 +146,14 @@ def test_the_same_trainer_pretrains_the_tiny_model_from_random_init(pairs):
         loss_after = float(fitted._loss_fn((pixels, idx)))
     assert loss_after < loss_before - 0.2, (loss_before, loss_after)
     assert fitted.fit_info["trainable_parameters"] == sum(p.numel() for p in scratch.model.parameters())
+
+
+def test_a_pairs_run_checkpoints_and_resumes_through_the_one_loop(backbone, small, tmp_path):
+    corpus = PairDataset("c", {"train": small.split("train")[:4], "test": small.split("test")[:2]},
+                         reader=small.reader)
+    params = dict(steps=2, batch_size=8, lr=1e-2, checkpoint_dir=str(tmp_path / "ckpt"))
+    first = fine_tune_pairs(corpus, backbone, "pairs_svd", **params)
+    assert list((tmp_path / "ckpt").glob("run-*/last.pt"))
+    again = fine_tune_pairs(corpus, backbone, "pairs_svd", **params)
+    assert again.fit_info["resumed_from_epoch"] == 1 and again.fit_info["steps"] == 2
+    assert again.backbone_.weights_hash == first.backbone_.weights_hash
