@@ -407,7 +407,11 @@ def pairs_from_hub(repo_id: str, *, image_column: str = "image", caption_column:
                    drop_uncaptioned: bool = False, domain: str | None = None) -> PairDataset:
     """A Hub dataset with an image column and a caption column (a string, or a list of strings per
     image as ``danielz01/rsicd``'s ``captions``). ``splits`` maps ours to the repo's
-    (default ``train/validation/test``); missing val/test are held out with ``split_seed``."""
+    (default ``train/validation/test``); missing val/test are held out with ``split_seed``.
+
+    With ``id_column`` (ROCO's ``image_id``, RSICD's ``path``) an image listed in two splits is
+    refused naming both rows; byte-level duplicates under different ids are not searched in Hub
+    tables (that would decode every image; the file sources check them)."""
     explicit = splits is not None
     wanted = dict(splits or {"train": "train", "val": "validation", "test": "test"})
     dd = _load_hub(repo_id, config, revision, cache_dir)
