@@ -77,8 +77,7 @@ def test_sigmoid_loss_for_siglip_towers(backbone, small):
     siglip.model.logit_bias = torch.nn.Parameter(torch.tensor(-10.0))
     siglip._weights_hash = None
     fitted = fine_tune_pairs(small, siglip, "pairs_lora", steps=2, batch_size=8, lr=1e-2)
-    assert "logit_bias" in {k for k in fitted._end} and fitted.fit_info["loss"][0] == pytest.approx(
-        fitted.fit_info["loss"][0])
+    assert "logit_bias" in fitted._end and "logit_scale" in fitted._end   # both learnt
     pixels, texts = _batch(small, siglip, 4)
     train_texts, _ = small.texts("train")
     idx = torch.tensor([train_texts.index(t) for t in texts])
