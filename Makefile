@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/training_free.py
 	$(BIN)/python bench/fine_tuning.py
 	$(BIN)/python bench/sweep.py
+	$(BIN)/python bench/pairs.py
 
 # every GPU figure the README and the benchmarks promise, in one run (<= 8 min on one GPU; on a CPU it
 # runs the offline model at tiny sizes and says so). DEVICE=cuda:1 picks another GPU.
