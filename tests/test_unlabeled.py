@@ -1,0 +1,288 @@
+"""Methods that use unlabeled images (TransCLIP, TDA) and ProKeR: their math against plain float64
+implementations of the references' updates, their behaviour on synthetic features, and the unlabeled pool
+of a run (sources, label spy, overlap, bad input, result rows)."""
+import math
+import operator
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import workbench as wb
+from workbench.methods.base import Method
+from workbench.task import TensorTask
+from tests.fakes import random_task
+from workbench.errors import ConfigError, DataError
+from workbench.methods import get_method
+from workbench.methods.features.transclip import transclip_solve
+
+
+# -- plain dense references (float64), written from the papers' reference code, not from our modules ------
+
+def dense_transclip(x, yhat, lmbda, support=None, labels=None, gammas=(0.0,), val=None, k=3, max_iter=10,
+                    z_iter=5, n_conf=8):
+    """TransCLIP_solver with a dense affinity matrix and [N, K, d] broadcasts (rows and z in the same order)."""
+    n, d = x.shape
+    kc = yhat.shape[1]
+    z = yhat.clone()
+    fs = support is not None
+    rows = torch.cat([x, support]) if fs else x
+    aff = rows @ x.T
+    W = torch.zeros(rows.shape[0], n, dtype=x.dtype)
+    top = aff.topk(k + 1, dim=-1).indices[:, 1:]
+    for r in range(rows.shape[0]):
+        for j in top[r].tolist():
+            W[r, j] = aff[r, j]
+    if fs:
+        y1h = F.one_hot(labels, kc).double()
+        mu = y1h.T @ support
+    else:
+        mu = torch.zeros(kc, d, dtype=x.dtype)
+        for c in range(kc):
+            idx = z[:, c].topk(min(n_conf, n)).indices
+            mu[c] = (x[idx] * z[idx, c:c + 1]).mean(0)
+    mu = mu / mu.norm(dim=-1, keepdim=True)
+    std = torch.full((d,), 1.0 / d, dtype=x.dtype)
+    best_acc, best = -1.0, None
+    for gamma in gammas:
+        for it in range(max_iter + 1):
+            like = -0.5 * (((x[:, None, :] - mu[None]) ** 2) / std).sum(-1)
+            for _ in range(z_iter):
+                zall = torch.cat([z, y1h]) if fs else z
+                inter = like + (50 / (2 * k)) * (W.T @ zall + W[:n] @ z)
+                inter = inter - inter.max(1, keepdim=True).values
+                inter = yhat ** lmbda * torch.exp(inter / 50)
+                z = inter / inter.sum(1, keepdim=True)
+            if it == max_iter:
+                break
+            wq = z / n
+            num = wq.T @ x
+            den = wq.sum(0)[:, None]
+            if fs and gamma > 0:
+                ws = y1h * gamma * 50 / support.shape[0]
+                num, den = num + ws.T @ support, den + ws.sum(0)[:, None]
+            mu = num / den
+            mu = mu / mu.norm(dim=-1, keepdim=True)
+            sq = torch.einsum("ik,ikd->d", wq, (x[:, None, :] - mu[None]) ** 2)
+            tot = wq.sum()
+            if fs and gamma > 0:
+                sq = sq + torch.einsum("ik,ikd->d", ws, (support[:, None, :] - mu[None]) ** 2)
+                tot = tot + ws.sum()
+            std = sq / tot
+        if val is not None:
+            nb = (val[0] @ x.T).argmax(-1)
+            acc = float((z[nb].argmax(-1) == val[1]).double().mean())
+            if acc > best_acc:
+                best_acc, best = acc, z.clone()
+        else:
+            best = z.clone()
+    return best
+
+
+def clustered(n_classes=4, per_class=40, dim=12, noise=0.35, text_noise=1.0, seed=0):
+    """Tight clusters per class; text prototypes that are noisy (zero-shot well below what clusters allow)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(n_classes, dim, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = F.normalize(centres[y] + noise * torch.randn(len(y), dim, generator=g, dtype=torch.float64), dim=-1)
+    text = F.normalize(centres + text_noise * torch.randn(n_classes, dim, generator=g, dtype=torch.float64), dim=-1)
+    return x, y, text, centres
+
+
+def cliplike(n_classes=5, per_class=60, dim=128, noise=1.5, text_noise=4.0, gap=0.15, seed=3):
+    """CLIP-shaped features: image clusters, and text prototypes sharing one direction (the modality gap) with a
+    weak, noisy class part, so that 100·cosine is a soft, often wrong prior (zero-shot ≈ 75 % here)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+    centres = unit(n_classes, dim)
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = F.normalize(centres[y] + noise * unit(len(y), dim), dim=-1)
+    text = F.normalize(unit(dim)[None] + gap * (centres + text_noise * unit(n_classes, dim)), dim=-1)
+    return x, y, text, centres
+
+
+def test_transclip_zero_shot_matches_dense_float64():
+    x, y, text, _ = clustered(per_class=15, dim=10)
+    logits = 30.0 * x @ text.T
+    ours = transclip_solve(x, torch.log_softmax(logits, -1), lmbda=1.0)["z"]
+    ref = dense_transclip(x, logits.softmax(-1), 1.0)
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+
+
+def test_transclip_few_shot_matches_dense_float64():
+    x, y, text, centres = clustered(per_class=12, dim=10, seed=1)
+    g = torch.Generator().manual_seed(5)
+    sy = torch.arange(4).repeat_interleave(2)
+    sx = F.normalize(centres[sy] + 0.35 * torch.randn(len(sy), 10, generator=g, dtype=torch.float64), dim=-1)
+    vy = torch.arange(4)
+    vx = F.normalize(centres[vy] + 0.35 * torch.randn(4, 10, generator=g, dtype=torch.float64), dim=-1)
+    logits = 30.0 * x @ text.T
+    gammas = (0.002, 0.01, 0.02, 0.2)
+    ours = transclip_solve(x, torch.log_softmax(logits, -1), lmbda=0.5, support=sx, support_labels=sy,
+                           gammas=gammas, val=(vx, vy))["z"]
+    ref = dense_transclip(x, logits.softmax(-1), 0.5, support=sx, labels=sy, gammas=gammas, val=(vx, vy))
+    assert torch.allclose(ours, ref, atol=1e-10, rtol=0)
+
+
+def test_transclip_beats_noisy_zero_shot_on_clusters():
+    x, y, text, _ = cliplike()
+    logits = 100.0 * x @ text.T
+    zs = float((logits.argmax(-1) == y).double().mean())
+    z = transclip_solve(x.float(), torch.log_softmax(logits.float(), -1), lmbda=1.0)["z"]
+    tc = float((z.argmax(-1) == y).double().mean())
+    assert zs < 0.8 and tc > zs + 0.05, (zs, tc)
+
+
+def _tensor_task(x, text, shots=2, seed=0, unlabeled=None):
+    """A TensorTask whose support/val come from the clustered features (first images of each class)."""
+    n_classes = text.shape[0]
+    per = len(x) // n_classes
+    y = torch.arange(n_classes).repeat_interleave(per)
+    sup = torch.cat([torch.arange(c * per, c * per + shots) for c in range(n_classes)])
+    val = torch.cat([torch.arange(c * per + shots, c * per + shots + 2) for c in range(n_classes)])
+    return TensorTask(x[sup].float()[None].repeat(10, 1, 1), y[sup], x[sup].float(), x[val].float(), y[val],
+                         text.float(), seed=seed, unlabeled=unlabeled)
+
+
+def test_transclip_method_transductive_and_pool_modes():
+    x, y, text, _ = cliplike()
+    task = _tensor_task(x, text)
+    m = get_method("transclip").fit(task)
+    assert m.transductive and m.uses_unlabeled == "pool"
+    z = m.predict_logits(x.float()).softmax(-1)
+    ref = transclip_solve(x.float(), torch.log_softmax(100.0 * x.float() @ F.normalize(text.float(), dim=-1).T, -1))["z"]
+    assert torch.allclose(z, ref, atol=1e-5)
+    # a separate pool: solved at fit time; predictions are per image (batch-independent)
+    pooled = get_method("transclip").fit(_tensor_task(x, text, unlabeled=x[1::2]))
+    assert not pooled.transductive
+    one = pooled.predict_logits(x[:5].float())
+    assert torch.allclose(one[:2], pooled.predict_logits(x[:2].float()))
+    acc = float((pooled.predict_logits(x.float()).argmax(-1) == y).double().mean())
+    zs = float(((x @ text.T).argmax(-1) == y).double().mean())
+    assert acc > zs + 0.05
+
+
+def test_transclip_on_top_of_base_and_save_load(tmp_path):
+    task, _ = random_task(n_classes=4, shots=4, dim=16, views=10)
+    m = get_method("transclip", base="gda").fit(task)
+    assert m.fit_info["base"] == "gda" and "alpha" in m.fit_info["base_fit_info"]
+    q = F.normalize(torch.randn(30, 16), dim=-1)
+    base_logits = m.base_method.predict_logits(q)
+    ours = m.predict_logits(q).softmax(-1)
+    ref = transclip_solve(q, torch.log_softmax(base_logits.float(), -1), lmbda=1.0)["z"]
+    assert torch.allclose(ours, ref, atol=1e-6)
+    m.save(tmp_path / "tc")
+    back = Method.load(tmp_path / "tc")
+    assert torch.allclose(back.predict_logits(q), m.predict_logits(q), atol=1e-6)
+    with pytest.raises(ConfigError, match="inductive"):
+        get_method("transclip", base="tda").fit(task)
+
+
+# -- TDA -----------------------------------------------------------------------------------------------------
+
+def dense_tda(x, text, scale=100.0, pos=(3, 2.0, 5.0), neg=(2, 0.117, 1.0), ent=(0.2, 0.5), mask=(0.03, 1.0),
+              order=None):
+    """run_test_tda with dict-of-sorted-lists caches (float64)."""
+    def update(cache, pred, item, cap):
+        if pred in cache:
+            if len(cache[pred]) < cap:
+                cache[pred].append(item)
+            elif item[1] < cache[pred][-1][1]:
+                cache[pred][-1] = item
+            cache[pred] = sorted(cache[pred], key=operator.itemgetter(1))
+        else:
+            cache[pred] = [item]
+
+    def cache_logits(f, cache, alpha, beta, k, negative):
+        keys, values = [], []
+        for c in sorted(cache):
+            for item in cache[c]:
+                keys.append(item[0])
+                values.append(((item[2] > mask[0]) & (item[2] < mask[1])).double() if negative
+                              else F.one_hot(torch.tensor(c), k).double())
+        keys, values = torch.stack(keys), torch.stack(values)
+        return alpha * torch.exp(-(beta - beta * (f @ keys.T))) @ values
+
+    k = text.shape[0]
+    out = torch.zeros(len(x), k, dtype=torch.float64)
+    pos_c, neg_c = {}, {}
+    for i in order:
+        s = scale * x[i] @ text.T
+        p = s.softmax(-1)
+        loss = float(-(p * s.log_softmax(-1)).sum())
+        h = loss / math.log2(k)
+        pred = int(s.argmax())
+        update(pos_c, pred, [x[i], loss], pos[0])
+        if ent[0] < h < ent[1]:
+            update(neg_c, pred, [x[i], loss, p], neg[0])
+        final = s.clone()
+        if pos_c:
+            final += cache_logits(x[i], pos_c, pos[1], pos[2], k, False)
+        if neg_c:
+            final -= cache_logits(x[i], neg_c, neg[1], neg[2], k, True)
+        out[i] = final
+    return out
+
+
+def test_tda_matches_dense_float64_and_records_the_stream():
+    x, y, text, _ = clustered(n_classes=5, per_class=20, dim=12, noise=0.5, text_noise=0.6, seed=2)
+    task = _tensor_task(x.float(), text.float())
+    m = get_method("tda", stream_seed=7).fit(task)
+    m.text_weights = text    # float64 prototypes and features: the method computes in the features' dtype
+    ours = m.predict_logits(x)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(7)).tolist()
+    ref = dense_tda(x, text, order=order)
+    assert ours.dtype == torch.float64
+    assert torch.allclose(ours, ref, atol=1e-9, rtol=0)
+    assert not torch.allclose(ours, 100.0 * x @ text.T, atol=1e-3)   # the caches did change the logits
+    assert m.fit_info["last_stream"]["negative_updates"] > 0     # the negative cache was exercised
+    assert m.fit_info["stream_seed"] == 7 and len(m.fit_info["last_stream"]["order_sha1"]) == 12
+    # another order is another stream: other predictions
+    other = get_method("tda", stream_seed=8).fit(task).predict_logits(x.float())
+    assert not torch.allclose(other, ours.float(), atol=1e-4)
+
+
+def test_tda_helps_on_clusters():
+    x, y, text, _ = cliplike()
+    task = _tensor_task(x.float(), text.float())
+    zs = float(((x @ text.T).argmax(-1) == y).double().mean())
+    tda = float((get_method("tda").fit(task).predict_logits(x.float()).argmax(-1) == y).double().mean())
+    assert tda > zs, (zs, tda)
+
+
+# -- ProKeR ---------------------------------------------------------------------------------------------------
+
+def test_proker_matches_dense_float64_and_beats_zero_shot():
+    task, centres = random_task(n_classes=5, shots=2, dim=16, views=10, n_val=4, seed=3)
+    m = get_method("proker").fit(task)
+    beta, lmbda = m.fit_info["beta"], m.fit_info["lmbda"]
+    s = F.normalize(task.raw_views, dim=-1).reshape(-1, 16).double().numpy()
+    yv = F.one_hot(task.labels.repeat(10), 5).double().numpy()
+    t = task.text.double().numpy()
+    q = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(9)), dim=-1).double().numpy()
+    kss = np.exp(-beta * (1 - s @ s.T))
+    a = np.linalg.solve(kss / lmbda + np.eye(len(s)), yv - s @ t.T)
+    ref = q @ t.T + np.exp(-beta * (1 - q @ s.T)) @ a
+    ours = m.predict_logits(torch.from_numpy(q)).double().numpy()
+    assert np.allclose(ours, ref, atol=1e-5)
+    # on held-out images of the same clusters, ProKeR beats the noisy zero-shot classifier
+    g = torch.Generator().manual_seed(11)
+    ty = torch.arange(5).repeat_interleave(30)
+    tx = F.normalize(centres[ty] * 3 + torch.randn(len(ty), 16, generator=g), dim=-1)
+    zs = float(((tx @ task.text.T).argmax(-1) == ty).double().mean())
+    pk = float((m.predict_logits(tx).argmax(-1) == ty).double().mean())
+    assert pk > zs + 0.05, (zs, pk)
+
+
+def test_proker_fixed_selection_uses_reference_values():
+    task, _ = random_task(n_classes=3, shots=2, dim=8, views=2)
+    m = get_method("proker", selection="fixed", augment_views=2).fit(task)
+    assert (m.fit_info["beta"], m.fit_info["lmbda"]) == (3.0, 0.05)
+    with pytest.raises(ConfigError, match="selection"):
+        get_method("proker", selection="test").fit(task)
