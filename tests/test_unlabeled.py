@@ -286,3 +286,125 @@ def test_proker_fixed_selection_uses_reference_values():
     assert (m.fit_info["beta"], m.fit_info["lmbda"]) == (3.0, 0.05)
     with pytest.raises(ConfigError, match="selection"):
         get_method("proker", selection="test").fit(task)
+
+
+# -- the unlabeled pool of a run -------------------------------------------------------------------------------
+
+def _with_extra_split(shuffle_labels: bool, n_classes=4):
+    """Shapes with an 'extra' split of 24 images whose labels are true, or a permutation of them."""
+    from workbench.data import synthetic_shapes
+    from workbench.data.dataset import Dataset, Sample
+
+    ds = synthetic_shapes(n_classes, train_per_class=4, val_per_class=2, test_per_class=4, image_size=32)
+    true = [i % n_classes for i in range(16)]
+    labels = list(reversed(true)) if shuffle_labels else true
+    extra = [Sample(f"extra/{i}", labels[i], (3, 500_000 + i, true[i])) for i in range(16)]
+    return Dataset(name=ds.name, class_ids=ds.class_ids, class_names=ds.class_names,
+                   splits={**ds.splits, "extra": extra}, reader=ds.reader, source=ds.source, templates=ds.templates)
+
+
+def test_pool_labels_are_never_read(backbone, tmp_path, quiet):
+    rows = []
+    for shuffle in (False, True):
+        ds = _with_extra_split(shuffle)
+        run = wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled="extra",
+                                cache=wb.FeatureCache(backbone, tmp_path / str(shuffle), show_progress=False))
+        rows.append(run)
+    a, b = rows
+    assert a.row["unlabeled_source"] == "split:extra" and a.row["transductive"] is False
+    assert a.record["unlabeled"]["images"] == 16
+    assert torch.equal(a.logits, b.logits)          # other labels on the pool: the very same predictions
+    assert a.method.fit_info["pool"] == b.method.fit_info["pool"]
+
+
+def test_transductive_rows_and_compare_columns(backbone, tmp_path, quiet):
+    from workbench.data import synthetic_shapes
+
+    ds = synthetic_shapes(4, train_per_class=6, val_per_class=2, test_per_class=6, image_size=32)
+    table = wb.compare(ds, backbone, ["zero_shot", "transclip", "tda"], shots=[2], seeds=[1], unlabeled="test",
+                       out_dir=tmp_path / "out", cache=wb.FeatureCache(backbone, tmp_path / "f", show_progress=False))
+    t = table.set_index("method")
+    assert list(table.columns) == wb.experiment.TABLE_COLUMNS
+    assert (t.loc["zero_shot", "unlabeled_source"], bool(t.loc["zero_shot", "transductive"])) == ("", False)
+    assert (t.loc["transclip", "unlabeled_source"], bool(t.loc["transclip", "transductive"])) == ("test", True)
+    assert (t.loc["tda", "unlabeled_source"], bool(t.loc["tda", "transductive"])) == ("test (stream)", True)
+    # resumed from results.csv: the same columns come back
+    again = wb.compare(ds, backbone, ["zero_shot", "transclip", "tda"], shots=[2], seeds=[1], unlabeled="test",
+                       out_dir=tmp_path / "out", cache=wb.FeatureCache(backbone, tmp_path / "f", show_progress=False))
+    assert list(again["transductive"].astype(bool)) == [False, True, True]
+    assert list(again["unlabeled_source"]) == ["", "test", "test (stream)"]
+    # summaries and rankings mark transductive rows
+    from workbench import report
+
+    summary = report.summary_table(table)
+    assert "transductive" in summary.columns and summary["transductive"].sum() == 2
+    assert set(report.ranking(table).query("transductive")["method"]) == {"transclip [transductive]",
+                                                                          "tda [transductive]"}
+    fig = report.plot_accuracy_vs_shots(table)
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "tda [transductive]" in labels and "zero_shot" in labels
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_folder_csv_npz_pools_and_overlap_with_support(backbone, tmp_path, quiet):
+    from PIL import Image
+
+    from workbench.data import synthetic_shapes
+
+    ds = synthetic_shapes(4, train_per_class=6, val_per_class=2, test_per_class=4, image_size=32)
+    cache = wb.FeatureCache(backbone, None, show_progress=False)
+    folder = tmp_path / "pool"
+    (folder / "deep").mkdir(parents=True)
+    other = synthetic_shapes(4, train_per_class=3, val_per_class=0, test_per_class=0, seed=5, image_size=32)  # images nobody labelled
+    pool_samples = other.split("train")[:10]
+    for i, s in enumerate(pool_samples):
+        img = other.load_image(s)
+        (img.convert("L") if i == 0 else img.resize((40, 40)) if i == 1 else img).save(
+            folder / ("deep" if i % 2 else "") / f"{i}.png")
+    run = wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(folder), cache=cache)
+    assert run.row["unlabeled_source"] == f"folder:{folder}" and run.record["unlabeled"]["images"] == 10
+    (tmp_path / "pool.csv").write_text("path\n" + "\n".join(f"pool/{'deep/' if i % 2 else ''}{i}.png"
+                                                             for i in range(10)) + "\n")
+    assert wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(tmp_path / "pool.csv"),
+                             cache=cache).record["unlabeled"]["images"] == 10
+    arrays = np.stack([np.asarray(other.load_image(s)) for s in pool_samples])
+    np.savez(tmp_path / "pool.npz", images=arrays)
+    assert wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(tmp_path / "pool.npz"),
+                             cache=cache).record["unlabeled"]["images"] == 10
+    # the train split as pool holds the support images: they are removed with a warning naming the count
+    with pytest.warns(UserWarning, match=r"8 of its 24 image\(s\) are also support or validation"):
+        run = wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled="train", cache=cache)
+    assert run.record["unlabeled"]["removed_overlap"] == 8 and run.record["unlabeled"]["images"] == 16
+
+
+def test_bad_unlabeled_input_is_refused_clearly(backbone, tmp_path):
+    from workbench.data import synthetic_shapes
+
+    ds = synthetic_shapes(4, train_per_class=6, val_per_class=2, test_per_class=4, image_size=32)
+    cache = wb.FeatureCache(backbone, None, show_progress=False)
+    with pytest.raises(ConfigError, match="inductive"):
+        wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled="test", protocol="paper", cache=cache)
+    with pytest.raises(ConfigError, match="uses images nobody labelled"):
+        wb.compare(ds, backbone, ["zero_shot", "transclip"], shots=[2], seeds=[1])
+    with pytest.raises(ConfigError, match="unlabeled='test'"):
+        wb.run_experiment(ds, backbone, "tda", 2, 1, unlabeled="train", cache=cache)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(tmp_path / "empty"), cache=cache)
+    with pytest.raises(DataError, match="neither a split"):
+        wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled="nowhere_at_all", cache=cache)
+    (tmp_path / "bad.csv").write_text("path\n../../etc/passwd\n")
+    with pytest.raises(DataError, match="outside"):
+        wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(tmp_path / "bad.csv"), cache=cache)
+    # the support set itself as pool: nothing unlabeled is left
+    own = tmp_path / "own"
+    own.mkdir()
+    from workbench.data.sampling import sample_few_shot
+
+    split = sample_few_shot(ds, 2, 1)
+    for s in split.train(ds) + split.val(ds):
+        ds.load_image(s).save(own / f"{s.id.replace('/', '_')}.png")
+    with pytest.warns(UserWarning), pytest.raises(DataError, match="empty once"):
+        wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(own), cache=cache)

@@ -70,6 +70,29 @@ def chance_level(metric: str, n_classes: int | None) -> float | None:
     return None
 
 
+#: appended to the method name of transductive rows (``transductive`` column, see workbench.unlabeled) in
+#: summaries, rankings and plot legends, so they are never mixed with inductive rows without saying so
+TRANSDUCTIVE_MARK = " [transductive]"
+
+
+def mark_transductive(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with ``method`` suffixed by :data:`TRANSDUCTIVE_MARK` on transductive rows (a copy; unchanged
+    when there are none): such a method used the test images it is scored on, so it is its own group."""
+    if "transductive" not in table.columns:
+        return table
+    flag = table["transductive"].fillna(False).astype(str).str.lower().isin(["true", "1", "1.0"])
+    if not flag.any():
+        return table
+    table = table.copy()
+    table.loc[flag, "method"] = table.loc[flag, "method"].astype(str) + TRANSDUCTIVE_MARK
+    return table
+
+
+def _transductive_column(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["transductive"] = frame["method"].astype(str).str.endswith(TRANSDUCTIVE_MARK)
+    return frame
+
+
 def _describe_runs(table: pd.DataFrame) -> str:
     backbones = sorted({f"{b} ({p})" if isinstance(p, str) and p else str(b)
                         for b, p in zip(table["backbone"], table.get("pretrained", [""] * len(table)))})
@@ -93,7 +116,7 @@ def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=No
                           f"{sorted(table['dataset'].unique())}. "
                           "Filter it to one, or use plot_curves for a panel per dataset.")
     metric = dataset_metric(table, metric)
-    summary = summarize(table, metric)
+    summary = summarize(mark_transductive(table), metric)
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.6))
     methods = list(dict.fromkeys(summary["method"]))
@@ -224,18 +247,19 @@ def _metrics_used(table: pd.DataFrame, metric: str | None) -> dict[str, str]:
 def summary_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """"mean ± std" over seeds, one row per (dataset, method), one column per K; the ``metric`` column names
     what is reported (each dataset's primary metric unless ``metric`` is given)."""
-    s = summarize(table, metric)
+    marked = mark_transductive(table)
+    s = summarize(marked, metric)
     s["value"] = s.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}", axis=1)
     s["metric"] = s["metric"].map(metric_label)
     out = s.pivot(index=["dataset", "method", "metric"], columns="shots", values="value").reset_index()
     out.columns = [c if isinstance(c, str) else f"K={c}" for c in out.columns]
-    return out
+    return _transductive_column(out) if marked is not table else out   # the column only when some row is
 
 
 def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
     """The command line's summary: per dataset, a header naming metric, backbone and seeds, then mean ± std per K."""
     blocks = []
-    for name, rows_, m in _by_dataset(table, metric):
+    for name, rows_, m in _by_dataset(mark_transductive(table), metric):
         s = summarize(rows_, m).drop(columns=["dataset", "metric"])
         s = s.rename(columns={"mean": metric_label(m), "std": "± std"})
         blocks.append(f"{name} — {metric_label(m)}, mean ± std over seeds; {_describe_runs(rows_)}\n"
@@ -264,11 +288,13 @@ def ranking(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     Each dataset is ranked on its own primary metric (unless ``metric`` is given), so ranks are
     comparable across datasets; ``mean_metric`` averages those metrics (%).
     """
-    s = summarize(table, metric)
+    marked = mark_transductive(table)
+    s = summarize(marked, metric)
     s["rank"] = s.groupby(["dataset", "shots"])["mean"].rank(ascending=False, method="average")
     out = s.groupby("method").agg(mean_rank=("rank", "mean"), mean_metric=("mean", "mean"),
                                   wins=("rank", lambda r: int((r == 1).sum())), settings=("rank", "size"))
-    return out.sort_values(["mean_rank", "mean_metric"], ascending=[True, False]).round(2).reset_index()
+    out = out.sort_values(["mean_rank", "mean_metric"], ascending=[True, False]).round(2).reset_index()
+    return _transductive_column(out) if marked is not table else out   # the column only when some row is
 
 
 def calibration_table(table: pd.DataFrame, threshold: float = POOR_CALIBRATION_ECE) -> pd.DataFrame:
@@ -276,7 +302,7 @@ def calibration_table(table: pd.DataFrame, threshold: float = POOR_CALIBRATION_E
 
     ``poorly_calibrated`` is True where the mean ECE exceeds ``threshold`` (a fraction; 0.10 = 10 points).
     """
-    out = summarize(table, "ece").drop(columns="metric").rename(columns={"mean": "ece_mean", "std": "ece_std"})
+    out = summarize(mark_transductive(table), "ece").drop(columns="metric").rename(columns={"mean": "ece_mean", "std": "ece_std"})
     out["poorly_calibrated"] = out["ece_mean"] > 100 * threshold
     return out
 

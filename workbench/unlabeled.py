@@ -34,6 +34,10 @@ import torch
 from .data.dataset import Dataset, Reader, Sample
 from .errors import ConfigError, DataError
 
+#: the result-row columns this module fills: where the method's unlabeled images came from ("" for none) and
+#: whether its prediction for a test image depended on other test images
+UNLABELED_COLUMNS = ["unlabeled_source", "transductive"]
+
 #: what the ``unlabeled`` argument may be, for error messages
 ACCEPTED = ("'test' (transductive)", "a split name of the dataset", "an image folder", "a .csv manifest",
             "an .npz file")
@@ -167,8 +171,19 @@ def _file_pool(value) -> tuple[str, _PoolView]:
     return source, _PoolView(f"unlabeled:{found.name}", fingerprint, reader, samples)
 
 
-def check_unlabeled(unlabeled, protocol: str = "default", where: str = "run_experiment") -> None:
-    """Refuse a bad ``unlabeled=`` before any work (a type error, ``"test"`` under the inductive paper protocol)."""
+def check_unlabeled(unlabeled, protocol: str = "default", where: str = "run_experiment", method=None) -> None:
+    """Refuse a bad ``unlabeled=`` before any work: a type error, ``"test"`` under the inductive paper protocol, a
+    method (class or instance) that needs unlabeled images without any, TDA with a pool that is not the test stream."""
+    uses = getattr(method, "uses_unlabeled", None)
+    name = getattr(method, "name", "")
+    if uses and unlabeled is None:
+        hint = ("unlabeled='test' (it adapts while it predicts the test images, one after the other)" if uses == "stream"
+                else "unlabeled='test' (transductive: the test images are the pool) or a pool of unlabeled images "
+                     "(a folder, CSV, .npz or split name)")
+        raise ConfigError(f"{where}: method {name!r} uses images nobody labelled; pass {hint}.")
+    if uses == "stream" and unlabeled is not None and str(unlabeled) != "test":
+        raise ConfigError(f"{where}: method {name!r} adapts on the stream of test images it predicts; it takes "
+                          f"unlabeled='test', not {str(unlabeled)!r}.")
     if unlabeled is None:
         return
     if not isinstance(unlabeled, (str, Path)):
@@ -221,3 +236,14 @@ def resolve_unlabeled(unlabeled, dataset: Dataset, split, cache, protocol: str =
         raise DataError(f"unlabeled pool {source!r} is empty once the {removed} image(s) that are also support or "
                         "validation images are removed. Use images the run does not label.")
     return UnlabeledPool(source, x, removed, list(feats.skipped))
+
+
+def method_unlabeled_source(method, pool: UnlabeledPool | None) -> dict:
+    """The row's ``unlabeled_source`` and ``transductive`` for a fitted ``method``: what it actually used."""
+    uses = getattr(method, "uses_unlabeled", None)
+    if not uses:
+        return {"unlabeled_source": "", "transductive": False}
+    if uses == "stream":
+        return {"unlabeled_source": "test (stream)", "transductive": True}
+    return {"unlabeled_source": pool.source if pool is not None else "test",
+            "transductive": bool(getattr(method, "transductive", False))}
