@@ -469,6 +469,9 @@ def summarize(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """
     if metric is not None and metric not in table.columns:
         raise ConfigError(f"metric {metric!r} is not a column of the results; columns: {list(table.columns)}.")
+    from .report import mark_transductive
+
+    table = mark_transductive(table)   # transductive rows are their own group: "transclip [transductive]"
     # A table holding base-to-new or cross-dataset rows is summarised per protocol (and target dataset):
     # their scores are not comparable with the standard runs'. Standard tables keep their columns.
     keys = ["dataset"]

@@ -143,7 +143,7 @@ class TDA(Method):
         eye = torch.eye(k, dtype=x.dtype)
         out = torch.empty_like(clip_logits)
         n_neg = 0
-        for i in progress(order.tolist(), desc="tda stream", unit="img", leave=False):
+        for i in progress(order.tolist(), desc="tda stream", unit="img", leave=False, delay=2):
             f, s = x[i], clip_logits[i]
             h, h_norm = normalised_entropy(s)
             label = int(s.argmax())

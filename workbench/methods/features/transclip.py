@@ -65,6 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import ConfigError
+from ...progress import progress
 from ..base import Method
 from ..registry import register
 
@@ -162,8 +163,10 @@ def transclip_solve(x: torch.Tensor, log_yhat: torch.Tensor, *, lmbda: float = 1
     coupling = 1.0 / (2 * n_neighbors)
     neighbour = None if val is None else (val[0] @ x.T).argmax(-1)
     best = {"val_accuracy": -1.0}
+    bar = progress(total=len(gammas) * (max_iter + 1), desc=f"transclip ({n} images)", unit="it", delay=2)
     for gamma in gammas:
         for it in range(max_iter + 1):
+            bar.update(1)
             loglik = gmm_loglik(x, mu, std) / 50.0
             fixed = weighted_prior + loglik if from_shots is None else weighted_prior + loglik + coupling * from_shots
             for _ in range(z_iter):
@@ -177,6 +180,7 @@ def transclip_solve(x: torch.Tensor, log_yhat: torch.Tensor, *, lmbda: float = 1
             acc = float((z[neighbour].argmax(-1) == val[1]).double().mean())
             if acc > best["val_accuracy"]:
                 best = {"z": z, "mu": mu, "std": std, "gamma": gamma, "val_accuracy": acc}
+    bar.close()
     return best
 
 
