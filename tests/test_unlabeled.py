@@ -408,3 +408,29 @@ def test_bad_unlabeled_input_is_refused_clearly(backbone, tmp_path):
         ds.load_image(s).save(own / f"{s.id.replace('/', '_')}.png")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="empty once"):
         wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled=str(own), cache=cache)
+
+
+def test_cli_run_takes_unlabeled(tmp_path, capsys, quiet):
+    from workbench.cli import main
+
+    assert main(["run", "--dataset", "pneumoniamnist_mini", "--methods", "zero_shot,tda", "--shots", "1", "--seeds", "1",
+                 "--unlabeled", "test", "--out", str(tmp_path)]) == 0
+    assert "tda [transductive]" in capsys.readouterr().out
+    assert main(["run", "--dataset", "pneumoniamnist_mini", "--methods", "tda", "--shots", "1", "--seeds", "1",
+                 "--out", str(tmp_path)]) == 2
+    assert "unlabeled='test'" in capsys.readouterr().err
+
+
+def test_transclip_fs_method_uses_the_shots_and_chooses_gamma_on_validation():
+    x, y, text, _ = cliplike()
+    task = _tensor_task(x, text, shots=2)
+    m = get_method("transclip", use_shots=True).fit(task)
+    assert m.lmbda == 0.5
+    z = m.predict_logits(x.float()).softmax(-1)
+    sx, sy = task.eval_feats, task.labels
+    ref = transclip_solve(x.float(), torch.log_softmax(100.0 * x.float() @ task.text.T, -1), lmbda=0.5, support=sx,
+                          support_labels=sy, gammas=[0.002, 0.01, 0.02, 0.2], val=(task.val.x, task.val.labels))
+    assert torch.allclose(z, ref["z"], atol=1e-5)
+    assert m.fit_info["last_batch"]["gamma"] == ref["gamma"] and ref["val_accuracy"] >= 0
+    zs = float(((x @ text.T).argmax(-1) == y).double().mean())
+    assert float((z.argmax(-1) == y).double().mean()) > zs + 0.05
