@@ -386,8 +386,11 @@ def test_bad_unlabeled_input_is_refused_clearly(backbone, tmp_path):
     cache = wb.FeatureCache(backbone, None, show_progress=False)
     with pytest.raises(ConfigError, match="inductive"):
         wb.run_experiment(ds, backbone, "transclip", 2, 1, unlabeled="test", protocol="paper", cache=cache)
-    with pytest.raises(ConfigError, match="uses images nobody labelled"):
-        wb.compare(ds, backbone, ["zero_shot", "transclip"], shots=[2], seeds=[1])
+    with pytest.raises(ConfigError, match="'transclip' uses images nobody labelled.*protocol='paper'"):
+        wb.compare(ds, backbone, ["zero_shot", "transclip"], shots=[2], seeds=[1], protocol="paper")
+    with pytest.warns(UserWarning, match="runs transductively on the test images"):   # no pool: the test images
+        run = wb.run_experiment(ds, backbone, "transclip", 2, 1, cache=cache)
+    assert run.row["unlabeled_source"] == "test" and run.row["transductive"] is True
     with pytest.raises(ConfigError, match="unlabeled='test'"):
         wb.run_experiment(ds, backbone, "tda", 2, 1, unlabeled="train", cache=cache)
     (tmp_path / "empty").mkdir()
@@ -417,7 +420,7 @@ def test_cli_run_takes_unlabeled(tmp_path, capsys, quiet):
                  "--unlabeled", "test", "--out", str(tmp_path)]) == 0
     assert "tda [transductive]" in capsys.readouterr().out
     assert main(["run", "--dataset", "pneumoniamnist_mini", "--methods", "tda", "--shots", "1", "--seeds", "1",
-                 "--out", str(tmp_path)]) == 2
+                 "--unlabeled", "train", "--out", str(tmp_path)]) == 2
     assert "unlabeled='test'" in capsys.readouterr().err
 
 

@@ -33,7 +33,8 @@ from .metrics import SCALAR_METRICS, compute_metrics
 from .progress import progress
 from .protocols import PROTOCOL_COLUMNS
 from .task import FewShotTask
-from .unlabeled import UNLABELED_COLUMNS, check_unlabeled, method_unlabeled_source, resolve_unlabeled
+from .unlabeled import (UNLABELED_COLUMNS, check_unlabeled, default_unlabeled, method_unlabeled_source,
+                        resolve_unlabeled)
 from .validate import check_seed, check_shots
 
 # ``metric`` is the dataset's primary metric (its YAML's ``metric:``), which summaries use by default.
@@ -206,6 +207,7 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         split_dir = Path(split_dir) / "paper_protocol"
     method = _as_method(method, settings.params or None)
     check_unlabeled(unlabeled, protocol, "run_experiment", method=method)
+    unlabeled = default_unlabeled(unlabeled, method)
     cache = cache or FeatureCache(backbone)
     split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation)
     shots = split.shots   # budget mode: the mean per class
@@ -327,8 +329,10 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     if unlabeled is not None and protocol not in ("default", "paper"):
         raise ConfigError(f"unlabeled= applies to the standard few-shot protocols, not {protocol!r}.")
     check_unlabeled(unlabeled, protocol, "compare")
-    for m in methods:   # a method that needs unlabeled images and has none (or the wrong kind): refused now
+    per_method = {}
+    for m in methods:   # a method given the wrong kind of pool: refused now; one given none: "test", warned once
         check_unlabeled(unlabeled, protocol, "compare", method=method_class(m))
+        per_method[m] = default_unlabeled(unlabeled, method_class(m), "compare")
     if language:
         from .task import _check_language
 
@@ -369,11 +373,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     results = ResultsTable(out_dir) if out_dir is not None else None  # unwritable folder: refused now
 
     def cell(m, k, s, **extra):
-        uses = method_class(m).uses_unlabeled and unlabeled is not None   # inductive runs keep their keys
+        uses = method_class(m).uses_unlabeled and per_method.get(m) is not None   # inductive runs keep their keys
         return make_cell(dataset.name, backbone.name, backbone.pretrained, m, k, s,
                          params=(method_params or {}).get(m), templates=templates, protocol=protocol,
                          extra={**extra, "language": language or None,
-                                "unlabeled": str(unlabeled) if uses else None})
+                                "unlabeled": str(per_method[m]) if uses else None})
 
     if protocol == "cross_dataset":
         grid = [cell(m, k, s, eval_dataset=t.name, eval_classes=eval_classes, class_map=(class_map or {}).get(t.name))
@@ -411,7 +415,7 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
                                      templates=templates, method_params=c["params"] or None, split_dir=split_dir,
                                      out_dir=out_dir, domain=domain, protocol=protocol, budget=c.get("budget"),
                                      allocation=c.get("allocation", allocation), language=language or None,
-                                     unlabeled=unlabeled).row
+                                     unlabeled=per_method.get(c["method"], unlabeled)).row
             keep(c, row)
     except KeyboardInterrupt:
         done = sum(c["cell_id"] in rows for c in grid)

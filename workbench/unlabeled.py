@@ -4,7 +4,9 @@
 
 * ``"test"`` — the transductive setting: the test images themselves are the pool. Nothing is given to
   the method at fit time; a transductive method (TransCLIP, TDA) uses the batch it is asked to
-  predict. Refused under ``protocol="paper"`` (the papers' few-shot protocol is inductive).
+  predict. Refused under ``protocol="paper"`` (the papers' few-shot protocol is inductive). A method
+  that uses unlabeled images and is given none falls back to it, with a warning (so a comparison or
+  a recommendation over every method still runs, and its rows say ``transductive=True``).
 * a split name of the dataset (``"train"``, ``"val"``, ``"unlabeled"`` ...) — its images, without labels;
 * a folder (every image file under it, any depth, any class layout), a CSV manifest (a ``path``
   column, paths relative to the CSV's folder and never outside it) or a MedMNIST-style ``.npz``
@@ -172,15 +174,13 @@ def _file_pool(value) -> tuple[str, _PoolView]:
 
 
 def check_unlabeled(unlabeled, protocol: str = "default", where: str = "run_experiment", method=None) -> None:
-    """Refuse a bad ``unlabeled=`` before any work: a type error, ``"test"`` under the inductive paper protocol, a
-    method (class or instance) that needs unlabeled images without any, TDA with a pool that is not the test stream."""
+    """Refuse a bad ``unlabeled=`` before any work: a type error, ``"test"`` under the inductive paper protocol
+    (also when a method that uses unlabeled images would fall back to it), TDA with a pool that is not the test
+    stream."""
     uses = getattr(method, "uses_unlabeled", None)
     name = getattr(method, "name", "")
     if uses and unlabeled is None:
-        hint = ("unlabeled='test' (it adapts while it predicts the test images, one after the other)" if uses == "stream"
-                else "unlabeled='test' (transductive: the test images are the pool) or a pool of unlabeled images "
-                     "(a folder, CSV, .npz or split name)")
-        raise ConfigError(f"{where}: method {name!r} uses images nobody labelled; pass {hint}.")
+        unlabeled = "test"   # what such a method uses by default (see default_unlabeled)
     if uses == "stream" and unlabeled is not None and str(unlabeled) != "test":
         raise ConfigError(f"{where}: method {name!r} adapts on the stream of test images it predicts; it takes "
                           f"unlabeled='test', not {str(unlabeled)!r}.")
@@ -192,9 +192,22 @@ def check_unlabeled(unlabeled, protocol: str = "default", where: str = "run_expe
     if str(unlabeled) == "":
         raise ConfigError(f"{where}: unlabeled is empty; pass None for no pool, or {', '.join(ACCEPTED)}.")
     if str(unlabeled) == "test" and protocol == "paper":
-        raise ConfigError(f"{where}: unlabeled='test' (transductive: the test images are the pool) cannot run under "
+        who = f"method {name!r} uses images nobody labelled; " if uses else ""
+        raise ConfigError(f"{where}: {who}unlabeled='test' (transductive: the test images are the pool) cannot run under "
                           "protocol='paper': the papers' few-shot protocol is inductive. Use protocol='default', or "
                           "an unlabeled pool that is not the test split.")
+
+
+def default_unlabeled(unlabeled, method, where: str = "run_experiment"):
+    """``unlabeled`` for ``method`` (class or instance): a method that uses unlabeled images and was given none
+    runs in the transductive setting (``"test"``), with a warning; the row says ``transductive=True``."""
+    if unlabeled is None and getattr(method, "uses_unlabeled", None):
+        warnings.warn(f"{where}: method {getattr(method, 'name', '')!r} uses images nobody labelled and none were "
+                      "given (unlabeled=None): it runs transductively on the test images, as with unlabeled='test', "
+                      "and its rows say transductive=True. Pass unlabeled= ('test', a split name, a folder, CSV or "
+                      ".npz) to choose.", stacklevel=3)
+        return "test"
+    return unlabeled
 
 
 def resolve_unlabeled(unlabeled, dataset: Dataset, split, cache, protocol: str = "default") -> UnlabeledPool | None:

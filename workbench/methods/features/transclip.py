@@ -305,9 +305,8 @@ class TransCLIP(Method):
         self._check_fitted()
         x = features.float()
         if self.pool is None:
-            if x.shape[0] < 2:
-                raise ConfigError("transclip (transductive): predict a batch of at least 2 images; the "
-                                  "predictions come from the whole batch.")
+            if x.shape[0] < 2:   # no other image to learn from: the initial predictions ŷ
+                return self.initial_log_predictions(x)
             out = self._solve(x)
             self.fit_info["last_batch"] = {"images": int(x.shape[0]), "gamma": out["gamma"],
                                            "val_accuracy": out["val_accuracy"]}
