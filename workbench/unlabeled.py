@@ -91,13 +91,15 @@ def _unlabelled(samples) -> list[Sample]:
 
 
 class _ArrayPoolReader(Reader):
+    """Image ``i`` of an ``.npz`` pool; ``arrays`` (not one array) so the cache keys hash the content."""
+
     def __init__(self, array: np.ndarray):
-        self.array = array
+        self.arrays = {"images": array}
 
     def __call__(self, ref):
         from .data.images import array_to_image
 
-        return array_to_image(self.array[ref])
+        return array_to_image(self.arrays["images"][ref])
 
 
 def _folder_samples(root: Path) -> list[Sample]:
