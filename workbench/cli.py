@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/cli",
                    help="output folder (results.csv, runs/, splits, feature cache), relative to the current directory "
                         "(default: %(default)s)")
+    p.add_argument("--unlabeled", default=None,
+                   help="images nobody labelled, for transclip / tda: 'test' (transductive: the test images), a split "
+                        "name, an image folder, a CSV or an .npz (default: none)")
 
     p = sub.add_parser("recommend", help="which method (and backbone) to use: chosen on the K-shot data only, "
                                          "with bootstrap intervals; the test split is scored once, afterwards")
@@ -141,7 +144,8 @@ def _run(args) -> int:
         dataset = wb.load_dataset(args.dataset)  # before the backbone: a bad path fails in a second
         backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
         table = wb.compare(dataset, backbone, args.methods, args.shots, args.seeds,
-                           cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out)
+                           cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out,
+                           unlabeled=args.unlabeled)
         from workbench.report import summary_text
 
         print(summary_text(table, args.metric))

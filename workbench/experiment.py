@@ -30,6 +30,8 @@ from .progress import progress
 from .record import (PROTOCOL_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
                      _validation_logits, _validation_scores, environment_info)
 from .task import FewShotTask
+from .unlabeled import (UNLABELED_COLUMNS, check_unlabeled, default_unlabeled, method_unlabeled_source,
+                        resolve_unlabeled)
 from .validate import check_seed, check_shots
 
 @dataclass
@@ -110,7 +112,7 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
                    method_params: dict | None = None, split_dir=None, out_dir=None, domain: str | None = None,
                    save_model: bool = False, protocol: str = "default", budget: int | None = None,
                    allocation: str = "proportional", language: dict | None = None,
-                   calibration_fraction: float | None = None, val_shots: int | None = None) -> RunResult:
+                   calibration_fraction: float | None = None, val_shots: int | None = None, unlabeled=None) -> RunResult:
     """Sample (or reuse) the K-shot split, fit on it, evaluate on the whole test split.
 
     The dataset YAML's ``method_presets`` for the method apply unless ``method_params`` say
@@ -134,11 +136,17 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     them (:func:`workbench.conformal.split_calibration`; a ConfigError when a class has fewer than 2).
     With it, the row's ``val_*`` scores come from the selection part only. Without it, the sets of
     a method that read its validation images are reported ``certified: false`` with a note.
+
+    ``unlabeled`` (see :mod:`workbench.unlabeled`): images nobody labelled — ``"test"`` (transductive:
+    the test images themselves), a split name, a folder, a CSV or an ``.npz``; methods that use them
+    (``transclip``, ``tda``) need it, the others ignore it. The row's ``unlabeled_source`` and
+    ``transductive`` say what the method saw.
     """
     # Bad input is refused here, before any image is encoded or any step trained.
     from .protocols import check_protocol
 
     check_protocol(protocol)   # a misspelt name: the list and a did-you-mean
+    check_unlabeled(unlabeled, protocol, "run_experiment")
     if protocol not in ("default", "paper"):
         raise ConfigError(f"run_experiment runs protocol 'default' or 'paper'; for {protocol!r} use "
                           f"compare(..., protocol={protocol!r}) (see workbench.protocols).")
@@ -159,6 +167,8 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     if settings.resplit and split_dir is not None:   # its few-shot draws must not meet the default splits' files
         split_dir = Path(split_dir) / "paper_protocol"
     method = _as_method(method, settings.params or None)
+    check_unlabeled(unlabeled, protocol, "run_experiment", method=method)
+    unlabeled = default_unlabeled(unlabeled, method)
     cache = cache or FeatureCache(backbone)
     split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation,
                             val_shots=val_shots)
@@ -177,8 +187,10 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     # descriptions join the prompts only when the language options ask for them (else plain templates)
     descriptions = getattr(dataset, "descriptions", None) if (language or {}).get("descriptions", "none") != "none" \
         else None
+    # the pool is encoded only for a method that uses it; its labels are never read
+    pool = resolve_unlabeled(unlabeled, dataset, split, cache, protocol) if method.uses_unlabeled else None
     task = FewShotTask(dataset, fit_split, backbone, cache, templates=templates, descriptions=descriptions,
-                       language=language)
+                       language=language, unlabeled=pool)
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -202,17 +214,19 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     calibration = val if calibration_samples is None else _validation_logits(
         method, task, dataset, None if encoder is backbone else encoder, cache, samples=calibration_samples)
 
-    skipped = dataset.skipped + task.skipped + test.skipped
+    skipped = dataset.skipped + task.skipped + test.skipped + (pool.skipped if pool is not None else [])
+    unlabeled_cols = method_unlabeled_source(method, pool)
     # names are not paths: the run id names the run's folder, so its parts are safe path components
     run_id = f"{safe_name(dataset.name, 'dataset name')}-{safe_name(method.name, 'method name')}-{f'N{budget}' if budget else f'K{shots}'}-s{seed}-" + hashlib.sha1(
         json.dumps([backbone.provenance_id, split.sha, method.describe()["config"], templates]
                    + ([task.fingerprint().get("language")] if language else [])
-                   + ([{"calibration_fraction": calibration_fraction}] if calibration_fraction is not None else []),
+                   + ([{"calibration_fraction": calibration_fraction}] if calibration_fraction is not None else [])
+                   + ([unlabeled_cols["unlabeled_source"]] if unlabeled_cols["unlabeled_source"] else []),
                    sort_keys=True, default=str).encode()).hexdigest()[:8]
     row = {"dataset": dataset.name, "domain": domain or dataset.domain or "", "backbone": backbone.name,
            "pretrained": backbone.pretrained or "", "method": method.name, "shots": shots, "seed": seed,
            "protocol": protocol, "metric": getattr(dataset, "metric", None) or "accuracy", **{k: metrics[k] for k in SCALAR_METRICS}, **val_scores, "val_tuned": bool(val_tuned and val is not None), "n_classes": dataset.n_classes, "n_test": len(test), "fit_seconds": fit_seconds,
-           "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id}
+           "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id, **unlabeled_cols}
     if budget is not None:
         row.update(budget=budget, allocation=allocation)
     record = {
@@ -228,6 +242,7 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         "protocol": settings.record, "templates": templates, "backbone": backbone.provenance(),
         "language": {**task.fingerprint().get("language", {}), **task.language_info} if language else None,
         "method": method.describe(),
+        "unlabeled": {**unlabeled_cols, **(pool.describe() if pool is not None else {})},
         "metrics": metrics, "conformal": _conformal_summary(calibration, logits, test.labels, held_out=calibration_samples is not None,
                                         selection_read=val_tuned, seed=seed), "skipped": skipped,
         "environment": environment_info(backbone.device),
@@ -258,7 +273,7 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
             method_params: dict | None = None, split_dir=None, out_dir=None, domain: str | None = None,
             resume: bool = True, protocol: str = "default", targets: Sequence | None = None,
             eval_classes: str = "shared", class_map: dict | None = None, budgets: Sequence[int] | None = None,
-            allocation: str = "proportional", language: dict | None = None) -> pd.DataFrame:
+            allocation: str = "proportional", language: dict | None = None, unlabeled=None) -> pd.DataFrame:
     """Every (method, K, seed) on one dataset; returns the tidy results table (one row per run).
 
     ``method_params`` maps a method name to its parameters. With ``out_dir``, each run is
@@ -276,7 +291,8 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     maps a target name to {its class: the source class}). ``budgets=[N, ...]`` (standard
     protocols) adds runs drawing N support images in total, by ``allocation``. ``language``
     (standard protocols): the text classifier's description / weighting options for every run
-    (:func:`run_experiment`), part of each run's key.
+    (:func:`run_experiment`), part of each run's key. ``unlabeled`` (standard protocols): the pool of
+    unlabeled images for the methods that use them (:mod:`workbench.unlabeled`), part of their runs' keys.
     """
     from .errors import Interrupted
     from .protocols import EVAL_CLASSES, check_protocol
@@ -302,6 +318,13 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     unknown = sorted(set(method_params or {}) - set(methods))
     if unknown:
         raise ConfigError(f"method_params names {unknown}, which are not among the methods {list(methods)}.")
+    if unlabeled is not None and protocol not in ("default", "paper"):
+        raise ConfigError(f"unlabeled= applies to the standard few-shot protocols, not {protocol!r}.")
+    check_unlabeled(unlabeled, protocol, "compare")
+    per_method = {}
+    for m in methods:   # a method given the wrong kind of pool: refused now; one given none: "test", warned once
+        check_unlabeled(unlabeled, protocol, "compare", method=method_class(m))
+        per_method[m] = default_unlabeled(unlabeled, method_class(m), "compare")
     if language:
         from .task import _check_language
 
@@ -342,9 +365,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     results = ResultsTable(out_dir) if out_dir is not None else None  # unwritable folder: refused now
 
     def cell(m, k, s, **extra):
+        uses = method_class(m).uses_unlabeled and per_method.get(m) is not None   # inductive runs keep their keys
         return make_cell(dataset.name, backbone.name, backbone.pretrained, m, k, s,
                          params=(method_params or {}).get(m), templates=templates, protocol=protocol,
-                         extra={**extra, "language": language or None})
+                         extra={**extra, "language": language or None,
+                                "unlabeled": str(per_method[m]) if uses else None})
 
     if protocol == "cross_dataset":
         grid = [cell(m, k, s, eval_dataset=t.name, eval_classes=eval_classes, class_map=(class_map or {}).get(t.name))
@@ -381,7 +406,8 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
                 row = run_experiment(dataset, backbone, c["method"], c["shots"], c["seed"], cache=cache,
                                      templates=templates, method_params=c["params"] or None, split_dir=split_dir,
                                      out_dir=out_dir, domain=domain, protocol=protocol, budget=c.get("budget"),
-                                     allocation=c.get("allocation", allocation), language=language or None).row
+                                     allocation=c.get("allocation", allocation), language=language or None,
+                                     unlabeled=per_method.get(c["method"], unlabeled)).row
             keep(c, row)
     except KeyboardInterrupt:
         done = sum(c["cell_id"] in rows for c in grid)
@@ -397,6 +423,9 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS)
     # rows of results files written before the protocol column existed are standard few-shot runs
     table["protocol"] = table["protocol"].fillna("").astype(str).replace("", "default")
+    # rows written before the unlabeled columns existed used no unlabeled image
+    table["unlabeled_source"] = table["unlabeled_source"].fillna("").astype(str)
+    table["transductive"] = table["transductive"].fillna(False).astype(bool)
     return table
 
 
@@ -436,6 +465,9 @@ def summarize(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """
     if metric is not None and metric not in table.columns:
         raise ConfigError(f"metric {metric!r} is not a column of the results; columns: {list(table.columns)}.")
+    from .report import mark_transductive
+
+    table = mark_transductive(table)   # transductive rows are their own group: "transclip [transductive]"
     # A table holding base-to-new or cross-dataset rows is summarised per protocol (and target dataset):
     # their scores are not comparable with the standard runs'. Standard tables keep their columns.
     keys = ["dataset"]

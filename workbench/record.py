@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .features import FeatureCache
+from .unlabeled import UNLABELED_COLUMNS
 from .metrics import SCALAR_METRICS, compute_metrics
 
 if TYPE_CHECKING:
@@ -45,7 +46,8 @@ RESULT_COLUMNS = ["dataset", "domain", "backbone", "pretrained", "method", "shot
 # PROTOCOL_COLUMNS: what only some protocols fill (base-to-new scores, the cross-dataset target, the budget
 # mode), see workbench.protocols; empty / NaN in the other rows and in tables written before they existed.
 # A results table (compare, sweep): each run's row plus the key it is resumed by (see results.py).
-TABLE_COLUMNS = [*RESULT_COLUMNS, *PROTOCOL_COLUMNS, "method_label", "cell_id"]
+# UNLABELED_COLUMNS: which unlabeled images the method used and whether it was transductive (workbench.unlabeled).
+TABLE_COLUMNS = [*RESULT_COLUMNS, *PROTOCOL_COLUMNS, *UNLABELED_COLUMNS, "method_label", "cell_id"]
 
 
 @functools.lru_cache(maxsize=1)

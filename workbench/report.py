@@ -70,6 +70,39 @@ def chance_level(metric: str, n_classes: int | None) -> float | None:
     return None
 
 
+#: appended to the method name of transductive rows (``transductive`` column, see workbench.unlabeled) in
+#: summaries, rankings and plot legends, so they are never mixed with inductive rows without saying so
+TRANSDUCTIVE_MARK = " [transductive]"
+
+
+def mark_transductive(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with ``method`` suffixed by :data:`TRANSDUCTIVE_MARK` on transductive rows (a copy; the table
+    itself when there is nothing to mark): such a method used the test images it is scored on, so it is its own
+    group."""
+    if "transductive" not in table.columns:
+        return table
+    flag = _transductive_flag(table) & ~table["method"].astype(str).str.endswith(TRANSDUCTIVE_MARK)    # marked once
+    if not flag.any():
+        return table
+    table = table.copy()
+    table.loc[flag, "method"] = table.loc[flag, "method"].astype(str) + TRANSDUCTIVE_MARK
+    return table
+
+
+def _transductive_flag(table: pd.DataFrame) -> pd.Series:
+    """The ``transductive`` column as booleans (a CSV read back may hold "True" strings; old rows NaN)."""
+    return table["transductive"].fillna(False).astype(str).str.lower().isin(["true", "1", "1.0"])
+
+
+def _any_transductive(table: pd.DataFrame) -> bool:
+    return "transductive" in table.columns and bool(_transductive_flag(table).any())
+
+
+def _transductive_column(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["transductive"] = frame["method"].astype(str).str.endswith(TRANSDUCTIVE_MARK)
+    return frame
+
+
 def _describe_runs(table: pd.DataFrame) -> str:
     backbones = sorted({f"{b} ({p})" if isinstance(p, str) and p else str(b)
                         for b, p in zip(table["backbone"], table.get("pretrained", [""] * len(table)))})
@@ -95,7 +128,7 @@ def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=No
                           f"{sorted(table['dataset'].unique())}. "
                           "Filter it to one, or use plot_curves for a panel per dataset.")
     metric = dataset_metric(table, metric)
-    summary = summarize(table, metric)
+    summary = summarize(table, metric)   # transductive rows marked in the legend
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.6))
     methods = list(dict.fromkeys(summary["method"]))
@@ -232,12 +265,12 @@ def _metrics_used(table: pd.DataFrame, metric: str | None) -> dict[str, str]:
 def summary_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """"mean ± std" over seeds, one row per (dataset, method), one column per K; the ``metric`` column names
     what is reported (each dataset's primary metric unless ``metric`` is given)."""
-    s = summarize(table, metric)
+    s = summarize(table, metric)   # transductive rows come back marked (mark_transductive)
     s["value"] = s.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}", axis=1)
     s["metric"] = s["metric"].map(metric_label)
     out = s.pivot(index=["dataset", "method", "metric"], columns="shots", values="value").reset_index()
     out.columns = [c if isinstance(c, str) else f"K={c}" for c in out.columns]
-    return out
+    return _transductive_column(out) if _any_transductive(table) else out   # the column only when some row is
 
 
 def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
@@ -315,11 +348,12 @@ def ranking(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     Each dataset is ranked on its own primary metric (unless ``metric`` is given), so ranks are
     comparable across datasets; ``mean_metric`` averages those metrics (%).
     """
-    s = summarize(table, metric)
+    s = summarize(table, metric)   # transductive rows come back marked (mark_transductive)
     s["rank"] = s.groupby(["dataset", "shots"])["mean"].rank(ascending=False, method="average")
     out = s.groupby("method").agg(mean_rank=("rank", "mean"), mean_metric=("mean", "mean"),
                                   wins=("rank", lambda r: int((r == 1).sum())), settings=("rank", "size"))
-    return out.sort_values(["mean_rank", "mean_metric"], ascending=[True, False]).round(2).reset_index()
+    out = out.sort_values(["mean_rank", "mean_metric"], ascending=[True, False]).round(2).reset_index()
+    return _transductive_column(out) if _any_transductive(table) else out   # the column only when some row is
 
 
 def calibration_table(table: pd.DataFrame, threshold: float = POOR_CALIBRATION_ECE) -> pd.DataFrame:

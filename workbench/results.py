@@ -35,7 +35,7 @@ from .errors import ConfigError
 
 # Columns that hold text: read back as "" rather than NaN when empty (e.g. ``pretrained``).
 TEXT_COLUMNS = ("dataset", "domain", "backbone", "pretrained", "method", "metric", "run_id", "method_label",
-                "cell_id", "protocol", "eval_dataset", "eval_classes", "allocation", "note")
+                "cell_id", "protocol", "eval_dataset", "eval_classes", "allocation", "note", "unlabeled_source")
 
 
 def cell_id(cell: dict) -> str:

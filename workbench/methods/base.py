@@ -53,6 +53,12 @@ class Method:
     param_bounds: ClassVar[dict] = {}
     #: files a saved folder must hold besides method.json (checked on load of folders saved without a manifest)
     saved_files: ClassVar[tuple] = ("state.safetensors",)
+    #: which unlabeled images the method uses (see :mod:`workbench.unlabeled`): None (inductive),
+    #: ``"pool"`` (a pool of unlabeled images, or the batch it predicts: TransCLIP) or ``"stream"``
+    #: (the images it predicts, one after the other: TDA)
+    uses_unlabeled: ClassVar[str | None] = None
+    #: after fit: whether the prediction for an image depends on the other images predicted with it
+    transductive: bool = False
 
     def __init__(self, config: Any = None, **params):
         if config is not None and params:
