@@ -101,7 +101,9 @@ class RunResult:
     model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
 
     def __repr__(self) -> str:
-        return f"RunResult({self.row['method']}, K={self.row['shots']}, seed={self.row['seed']}, acc={self.row['accuracy']:.4f})"
+        metric = self.row.get("metric") or "accuracy"
+        return (f"RunResult({self.row['method']}, K={self.row['shots']}, seed={self.row['seed']}, "
+                f"{metric}={self.row.get(metric, float('nan')):.4f})")
 
 
 def _as_method(method: str | Method, params: dict | None) -> Method:
@@ -198,6 +200,19 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     if settings.resplit and split_dir is not None:   # its few-shot draws must not meet the default splits' files
         split_dir = Path(split_dir) / "paper_protocol"
     method = _as_method(method, settings.params or None)
+    if getattr(dataset, "task", "single_label") == "multi_label":   # its own run: workbench/multilabel.py
+        if budget is not None or language:
+            raise ConfigError("run_experiment on a multi-label dataset takes shots (positives per finding); "
+                              "budget= and language= are single-label options.")
+        from .multilabel import run_multilabel_experiment
+
+        return run_multilabel_experiment(dataset, backbone, method, shots, seed, cache=cache, templates=templates,
+                                         split_dir=split_dir, out_dir=out_dir, domain=domain, save_model=save_model,
+                                         settings=settings, protocol=protocol)
+    from .methods.registry import check_method_task, method_names
+
+    if method.name in method_names():   # a registered method that declares no single-label support is refused
+        check_method_task(method.name, "single_label")
     cache = cache or FeatureCache(backbone)
     split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation)
     shots = split.shots   # budget mode: the mean per class

@@ -238,7 +238,19 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     naming the row. Rows whose label is empty or ``nan``/``None``/``null``/``NA`` are skipped and
     recorded in ``dataset.skipped`` (with a warning). ``encoding``: the file's text encoding
     (``"latin-1"`` for files saved by older Excel versions).
+
+    Multi-label: ``findings=[column, ...]`` (one 1/0/-1/blank column per finding, with
+    ``uncertain=``) or ``label_separator="|"`` (a list per row in ``label_column``) load a
+    :class:`~workbench.data.multilabel.MultiLabelDataset` (see :func:`~workbench.data.multilabel.from_csv_multilabel`).
     """
+    if "findings" in meta or "label_separator" in meta:
+        from .multilabel import from_csv_multilabel
+
+        return from_csv_multilabel(path, name=name, path_column=path_column, split_column=split_column, root=root,
+                                   class_names=class_names, test_fraction=test_fraction, split_seed=split_seed,
+                                   check_images=check_images, max_bad_fraction=max_bad_fraction,
+                                   max_image_pixels=max_image_pixels, encoding=encoding,
+                                   label_column=label_column if "label_separator" in meta else None, **meta)
     effective_pixel_limit(max_image_pixels)
     path = Path(path).expanduser()
     if not path.is_file():
