@@ -420,6 +420,8 @@ def _multilabel_from_spec(spec, kind, src, class_ids, names, meta):
 
     meta = dict(meta, metric=spec.get("metric", "macro_auroc"))
     mapping = dict(zip(class_ids, names))
+    if "root" in src:
+        src["root"] = _resolve(src["root"])
     if kind == "csv":
         if "label_separator" not in src and "findings" not in src:
             src["findings"] = class_ids
