@@ -262,3 +262,44 @@ def test_run_experiment_multilabel_rows_and_predict(backbone, small_mosaic, tmp_
     feats = backbone.encode_images(torch.stack([backbone.preprocess(i) for i in images])).cpu()
     np.testing.assert_allclose(table[mosaic.class_names].to_numpy(), res.method.predict_proba(feats).numpy(),
                                atol=1e-5)
+
+
+# -- subgroup audits ----------------------------------------------------------------------------
+
+def test_audit_es_auc_gap_worst_and_flags_float64():
+    from sklearn.metrics import roc_auc_score
+
+    from workbench.audit import subgroup_audit
+
+    rng = np.random.default_rng(0)
+    n = 200
+    y = rng.integers(0, 2, n)
+    groups = np.array(["F"] * 90 + ["M"] * 90 + ["X"] * 19 + ["Z"])
+    noise = np.where(groups == "M", 2.5, 0.8)
+    s = y + noise * rng.normal(size=n)
+    logits = np.stack([-s, s], 1)   # single-label, 2 classes
+    a = subgroup_audit(logits, y, groups, attribute="sex", n_boot=100)
+    t = a.table.set_index("group")
+    auc = {g: roc_auc_score(y[groups == g], s[groups == g]) for g in ("F", "M")}
+    overall = roc_auc_score(y, s)
+    assert a.overall == pytest.approx(overall) and t.loc["F", "value"] == pytest.approx(auc["F"])
+    assert a.worst_group == "M" and a.gap == pytest.approx(auc["F"] - auc["M"])
+    assert a.es_auc == pytest.approx(overall / (1 + abs(auc["F"] - overall) + abs(auc["M"] - overall)))
+    assert t.loc["X", "flag"].startswith("small") and t.loc["Z", "flag"] == "one image"
+    assert np.isnan(t.loc["Z", "value"])
+    assert t.loc["F", "ci_low"] < auc["F"] < t.loc["F", "ci_high"]
+    assert a.plot() is not None
+    from workbench.audit import fast_auroc
+    ties = np.round(s, 1)
+    assert fast_auroc(y, ties) == pytest.approx(roc_auc_score(y, ties))
+
+
+def test_audit_run_on_multilabel_and_missing_column(backbone, small_mosaic, tmp_path, quiet):
+    from workbench.audit import audit_run
+
+    cache = wb.FeatureCache(backbone, tmp_path / "f", show_progress=False)
+    res = wb.run_experiment(small_mosaic, backbone, "chexzero", 2, 1, cache=cache)
+    a = audit_run(res, small_mosaic, "site", n_boot=50, min_group=2)
+    assert set(a.table["group"]) <= {"A", "B", "C"} and a.table["n"].sum() == len(res.test_ids)
+    with pytest.raises(DataError, match="no group column 'sex'.*'site'"):
+        audit_run(res, small_mosaic, "sex")

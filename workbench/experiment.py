@@ -99,6 +99,7 @@ class RunResult:
     logits: torch.Tensor
     labels: torch.Tensor
     model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
+    test_ids: list | None = None    # the test images of logits' rows, in order (subgroup audits: workbench.audit)
 
     def __repr__(self) -> str:
         metric = self.row.get("metric") or "accuracy"
@@ -284,7 +285,8 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
                                   metrics={k: metrics[k] for k in SCALAR_METRICS},
                                   calibration=None if val is None else (torch.softmax(val[0], -1), val[1]),
                                   ).save(run_dir / "model")
-    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir)
+    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir,
+                     test_ids=list(test.ids))
 
 
 def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int], *,

@@ -94,6 +94,5 @@ def run_multilabel_experiment(dataset, backbone, method, shots: int, seed: int, 
 
             model_dir = Predictor(backbone, method, templates=templates,
                                   metrics={k: metrics[k] for k in MULTILABEL_SCALARS}).save(run_dir / "model")
-    result = RunResult(row=row, record=record, method=method, logits=logits, labels=targets, model_dir=model_dir)
-    result.test_ids = list(test.ids)
-    return result
+    return RunResult(row=row, record=record, method=method, logits=logits, labels=targets, model_dir=model_dir,
+                     test_ids=list(test.ids))
