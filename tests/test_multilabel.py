@@ -237,9 +237,15 @@ def small_mosaic():
                           classes=["airport", "beach", "forest", "port", "river"], templates=["aerial imagery of {}."])
 
 
-def test_run_experiment_multilabel_rows_and_predict(backbone, small_mosaic, tmp_path, quiet):
+@pytest.fixture(scope="module")
+def ml_cache(backbone, tmp_path_factory):
+    """One feature cache for the module: the mosaics are encoded once."""
+    return wb.FeatureCache(backbone, tmp_path_factory.mktemp("ml_features"), show_progress=False)
+
+
+def test_run_experiment_multilabel_rows_and_predict(backbone, small_mosaic, ml_cache, tmp_path, quiet):
     mosaic = small_mosaic
-    cache = wb.FeatureCache(backbone, tmp_path / "f", show_progress=False)
+    cache = ml_cache
     res = wb.run_experiment(mosaic, backbone, "ovr_linear_probe", 2, 1, cache=cache, out_dir=tmp_path / "out",
                             save_model=True)
     row = res.row
@@ -294,12 +300,22 @@ def test_audit_es_auc_gap_worst_and_flags_float64():
     assert fast_auroc(y, ties) == pytest.approx(roc_auc_score(y, ties))
 
 
-def test_audit_run_on_multilabel_and_missing_column(backbone, small_mosaic, tmp_path, quiet):
+def test_audit_run_on_multilabel_and_missing_column(backbone, small_mosaic, ml_cache, quiet):
     from workbench.audit import audit_run
 
-    cache = wb.FeatureCache(backbone, tmp_path / "f", show_progress=False)
+    cache = ml_cache
     res = wb.run_experiment(small_mosaic, backbone, "chexzero", 2, 1, cache=cache)
     a = audit_run(res, small_mosaic, "site", n_boot=50, min_group=2)
     assert set(a.table["group"]) <= {"A", "B", "C"} and a.table["n"].sum() == len(res.test_ids)
     with pytest.raises(DataError, match="no group column 'sex'.*'site'"):
         audit_run(res, small_mosaic, "sex")
+
+
+def test_compare_on_multilabel_and_refusal_before_work(backbone, small_mosaic, ml_cache, quiet):
+    cache = ml_cache
+    with pytest.raises(ConfigError, match="'tip_adapter' does not support multi_label"):
+        wb.compare(small_mosaic, backbone, ["chexzero", "tip_adapter"], [2], [1], cache=cache)
+    table = wb.compare(small_mosaic, backbone, ["chexzero", "ovr_linear_probe"], [2], [1], cache=cache)
+    assert list(table["method"]) == ["chexzero", "ovr_linear_probe"]
+    assert table["macro_auroc"].between(0, 1).all() and table["mAP"].between(0, 1).all()
+    assert (table["metric"] == "macro_auroc").all() and table["accuracy"].isna().all()

@@ -318,8 +318,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     from .results import ResultsTable, make_cell
 
     check_protocol(protocol)
+    from .methods.registry import check_method_task
+
     for m in methods:
         method_class(m)  # fail on a misspelt name before any work
+        check_method_task(m, getattr(dataset, "task", "single_label"))   # and on a method of another task kind
     shots = [check_shots(k, "compare") for k in shots]
     seeds = [check_seed(s, "compare") for s in seeds]
     for m in methods:  # types and bounds of every method's parameters, before the first run
@@ -419,7 +422,9 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
         raise Interrupted(msg, done, len(grid), results.path if results is not None else None) from None
     finally:
         bar.close()
-    table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS)
+    # multi-label rows add their own scalars (micro_auroc, mAP, ...: workbench/multilabel.py) after the shared columns
+    extra = list(dict.fromkeys(k for c in grid for k in rows[c["cell_id"]] if k not in TABLE_COLUMNS))
+    table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS + extra)
     # rows of results files written before the protocol column existed are standard few-shot runs
     table["protocol"] = table["protocol"].fillna("").astype(str).replace("", "default")
     return table
