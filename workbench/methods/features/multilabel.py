@@ -140,12 +140,19 @@ class OvrProbeConfig:
 def fit_binary_logistic(x: np.ndarray, y: np.ndarray, c: float, max_iter: int) -> tuple[np.ndarray, float]:
     """(w, b) of scikit-learn's L2 logistic regression (L-BFGS) on 0/1 labels; a finding whose known
     labels are all one value gets w = 0 and b = ±log(n+1) (a constant, never a crash)."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from threadpoolctl import threadpool_limits
 
     if y.min() == y.max():
         return np.zeros(x.shape[1]), float(np.log(len(y) + 1.0)) * (1.0 if y[0] == 1 else -1.0)
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter)
-    clf.fit(x, y)
+    # single-threaded BLAS: these problems are far too small to gain from threads (as linear_probe)
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        warnings.simplefilter("ignore", ConvergenceWarning)   # large C on few images may stop at max_iter
+        clf.fit(x, y)
     return clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
 
 
