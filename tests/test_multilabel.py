@@ -319,3 +319,28 @@ def test_compare_on_multilabel_and_refusal_before_work(backbone, small_mosaic, m
     assert list(table["method"]) == ["chexzero", "ovr_linear_probe"]
     assert table["macro_auroc"].between(0, 1).all() and table["mAP"].between(0, 1).all()
     assert (table["metric"] == "macro_auroc").all() and table["accuracy"].isna().all()
+
+
+def test_single_label_csv_groups_and_audit(backbone, tmp_path, quiet):
+    from workbench.audit import audit_run
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    lines = ["path,label,sex"]
+    for i in range(24):
+        colour = (200, 30, 30) if i % 2 else (30, 30, 200)
+        Image.fromarray((np.array(colour) + rng.integers(0, 40, (16, 16, 3))).clip(0, 255).astype(np.uint8)).save(
+            tmp_path / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{'red' if i % 2 else 'blue'},{'F' if i % 3 else 'M'}")
+    (tmp_path / "s.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="no column 'age'.*groups"):
+        from_csv(tmp_path / "s.csv", groups=["age"])
+    ds = from_csv(tmp_path / "s.csv", groups=["sex"], test_fraction=0.5)
+    assert ds.groups["sex"]["3.png"] == "M" and len(ds.groups["sex"]) == 24   # ids relative to the data root
+    res = wb.run_experiment(ds, backbone, "linear_probe", 2, 1, cache=wb.FeatureCache(backbone, None, show_progress=False))
+    a = audit_run(res, ds, "sex", metric="accuracy", n_boot=50, min_group=2)
+    t = a.table.set_index("group")
+    pred = res.logits.argmax(1).numpy()
+    sex = np.array([ds.groups["sex"][i] for i in res.test_ids])
+    assert t.loc["F", "value"] == pytest.approx((pred == res.labels.numpy())[sex == "F"].mean())
+    assert a.es_auc is None and t["n"].sum() == 12

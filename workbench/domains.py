@@ -374,8 +374,6 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
     if kind == "mosaic" or any(k in src for k in ("findings", "label_separator", "uncertain", "no_finding")):
         raise DataError(f"{spec['_file']}: source keys {sorted(set(src) & {'findings', 'label_separator', 'uncertain', 'no_finding'}) or ['kind: mosaic']} "
                         "describe a multi-label set; add 'task: multi_label' to the YAML.")
-    if "groups" in src:
-        src.pop("groups")   # subgroup metadata of a single-label CSV: not read by the single-label loader yet
     if kind == "folder":
         ds = sources.from_folder(_resolve(src.pop("path")), name=spec["name"], **src, **meta)
     elif kind == "csv":

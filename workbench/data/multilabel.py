@@ -65,8 +65,6 @@ class MultiLabelDataset(Dataset):
 
     metric: str = "macro_auroc"
     task: str = "multi_label"
-    #: metadata columns for subgroup audits: column -> {sample id -> value}
-    groups: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.class_ids = [str(c) for c in self.class_ids]

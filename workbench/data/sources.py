@@ -252,6 +252,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
                                    max_image_pixels=max_image_pixels, encoding=encoding,
                                    label_column=label_column if "label_separator" in meta else None, **meta)
     effective_pixel_limit(max_image_pixels)
+    group_columns = list(meta.pop("groups", None) or [])   # metadata for subgroup audits (workbench.audit)
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"CSV manifest {str(path)!r} does not exist.")
@@ -259,7 +260,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     name = name or path.stem
     columns, rows = _read_csv_rows(path, encoding)
     for col, what in ((path_column, "path_column"), (label_column, "label_column"),
-                      (split_column, "split_column")):
+                      (split_column, "split_column"), *((g, "groups") for g in group_columns)):
         if col is not None and col not in columns:
             raise DataError(f"CSV {str(path)!r} has no column {col!r} (set by {what}); its columns are "
                             f"{columns}." + did_you_mean(col, columns))
@@ -309,6 +310,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
         data_root = str(root.resolve())
     splits: dict[str, list[Sample]] = {}
     first_row: dict[str, tuple[int, str, str]] = {}
+    groups: dict[str, dict] = {g: {} for g in group_columns}
     for (n, row, lab), file in zip(kept, files):
         raw = str(row[path_column] or "").strip()
         split = "train"
@@ -332,6 +334,8 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
             skipped.append({"id": raw, "reason": reason})
             continue
         splits.setdefault(split, []).append(Sample(sid, index[lab], file))
+        for g in group_columns:
+            groups[g][sid] = str(row[g] if row[g] is not None else "").strip()
     unreadable = skipped[n_unlabelled:]
     check_bad_fraction(name, len(kept), unreadable, max_bad_fraction)
     if n_unlabelled:
@@ -354,7 +358,8 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     if max_image_pixels is not None:
         source["max_image_pixels"] = max_image_pixels
     return Dataset(name=name, class_ids=class_ids, class_names=readable, splits=splits,
-                   reader=Reader(max_image_pixels), source=source, skipped=skipped, notes=notes, **meta)
+                   reader=Reader(max_image_pixels), source=source, skipped=skipped, notes=notes, groups=groups,
+                   **meta)
 
 
 # -- in-memory arrays (MedMNIST .npz) ---------------------------------------------------------
