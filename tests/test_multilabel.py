@@ -344,3 +344,27 @@ def test_single_label_csv_groups_and_audit(backbone, tmp_path, quiet):
     sex = np.array([ds.groups["sex"][i] for i in res.test_ids])
     assert t.loc["F", "value"] == pytest.approx((pred == res.labels.numpy())[sex == "F"].mean())
     assert a.es_auc is None and t["n"].sum() == 12
+
+
+def test_multilabel_yaml_csv_source_with_groups(tmp_path, monkeypatch):
+    import yaml
+
+    _images(tmp_path / "imgs", 10)
+    lists = ["Effusion", "Mass", "Effusion|Mass", "No Finding", "Effusion", "Mass", "Effusion", "Mass|Effusion",
+             "No Finding", "Mass"]
+    (tmp_path / "entry.csv").write_text("Image Index,Finding Labels,Patient Gender\n" + "".join(
+        f"{i}.png,{v},{'MF'[i % 2]}\n" for i, v in enumerate(lists)))
+    spec = {"name": "cxr_tiny", "domain": "medical", "task": "multi_label",
+            "source": {"kind": "csv", "path": str(tmp_path / "entry.csv"), "root": str(tmp_path / "imgs"),
+                       "path_column": "Image Index", "label_column": "Finding Labels", "label_separator": "|",
+                       "groups": ["Patient Gender"], "test_fraction": 0.3},
+            "classes": {"Effusion": "effusion", "Mass": "mass"}, "templates": ["a chest X-ray showing {}."],
+            "metric": "macro_auroc", "licence": "test", "citation": "test"}
+    (tmp_path / "cxr.yaml").write_text(yaml.safe_dump(spec))
+    ds = wb.load_dataset(str(tmp_path / "cxr.yaml"))
+    assert ds.task == "multi_label" and ds.class_names == ["effusion", "mass"] and ds.metric == "macro_auroc"
+    assert ds.groups["Patient Gender"]["3.png"] == "F"
+    single = dict(spec, task="single_label")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(single))
+    with pytest.raises(DataError, match="multi-label set; add 'task: multi_label'"):
+        wb.load_dataset(str(tmp_path / "bad.yaml"))

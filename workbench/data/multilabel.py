@@ -417,9 +417,18 @@ def sample_multilabel_few_shot(dataset: MultiLabelDataset, shots: int, seed: int
 class MosaicReader(Reader):
     """Builds a 2x2 mosaic from four tile files (picklable; deterministic)."""
 
-    def __init__(self, tile_size: int = 112):
+    def __init__(self, tile_size: int = 112, files: Sequence[str] = ()):
         super().__init__()
         self.tile_size = tile_size
+        # the feature cache keys a reader's content by content_fingerprint(): every source file's name, size, mtime
+        h = hashlib.sha256(str(tile_size).encode())
+        for f in sorted(files):
+            st = os.stat(f)
+            h.update(f"{f}\x00{st.st_size}\x00{st.st_mtime_ns}\x01".encode())
+        self._content = h.hexdigest()[:20]
+
+    def content_fingerprint(self) -> str:
+        return self._content
 
     def __call__(self, ref):
         from PIL import Image
@@ -482,7 +491,7 @@ def mosaic_dataset(folder, *, n_images: int = 120, seed: int = 0, name: str = "w
     notes = [f"{n_images} 2x2 mosaics of {str(folder)!r} (seed {seed}); source images split by image before "
              "mosaicking; 'site' is synthetic metadata, independent of the images"]
     return MultiLabelDataset(name=name, class_ids=class_ids, class_names=readable, splits=splits,
-                             reader=MosaicReader(tile_size), source={"kind": "mosaic", "path": str(folder),
+                             reader=MosaicReader(tile_size, [f for fs in files.values() for f in fs]), source={"kind": "mosaic", "path": str(folder),
                                                                      "n_images": n_images, "seed": seed,
                                                                      "task": "multi_label"},
                              notes=notes, groups=groups, **meta)
