@@ -33,8 +33,10 @@ TOP_KEYS = {
 }
 SOURCE_KEYS = {
     "folder": {"path", "test_fraction", "split_seed", "max_bad_fraction"},
-    "csv": {"path", "path_column", "label_column", "split_column", "root", "test_fraction", "split_seed"},
+    "csv": {"path", "path_column", "label_column", "split_column", "root", "test_fraction", "split_seed",
+            "findings", "label_separator", "no_finding", "uncertain", "groups"},
     "npz": {"path", "test_fraction", "split_seed"},
+    "mosaic": {"path", "n_images", "seed", "test_fraction", "tile_size"},
     "hub": {"repo_id", "config", "image_column", "label_column", "splits", "data_files", "revision",
             "test_fraction", "split_seed"},
     "hub_archive": {"repo_id", "filename", "subdir", "test_fraction", "split_seed", "max_bad_fraction"},
@@ -50,7 +52,7 @@ SOURCE_NUMBERS = {"test_fraction": ("fraction", 0.0, 1.0), "max_bad_fraction": (
 PROTOCOL_KEYS = {"template": str, "split_file": str, "selection": str, "reference": str}
 PROTOCOLS = ("default", "paper")
 GENERATORS = ("leaves", "shapes", "scenes_xray_like", "scenes_aerial_like", "scenes_leaf_like")
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "micro_auroc", "mAP")
 
 
 def domains_dir() -> Path:
@@ -381,10 +383,18 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
     mapping = dict(zip(class_ids, names))
     meta = {"domain": spec["domain"], "templates": builtins.list(spec["templates"]),
             "metric": spec.get("metric", "accuracy")}
-    if task_kind(spec.get("task", "single_label")).name != "single_label":
-        raise DataError(f"{spec['_file']}: task {spec['task']!r} is not supported yet; only single-label "
-                        "classification is.")
     src.update(overrides)
+    if task_kind(spec.get("task", "single_label")).name == "multi_label":
+        ds = _multilabel_from_spec(spec, kind, src, class_ids, names, meta)
+        ds.source["spec"] = spec["_file"]
+        ds.descriptions = spec.get("descriptions")
+        ds.method_presets = dict(spec.get("method_presets") or {})
+        ds.paper_protocol = spec.get("paper_protocol")
+        ds.class_map = dict(spec.get("class_map") or {})
+        return ds
+    if kind == "mosaic" or any(k in src for k in ("findings", "label_separator", "uncertain", "no_finding")):
+        raise DataError(f"{spec['_file']}: source keys {sorted(set(src) & {'findings', 'label_separator', 'uncertain', 'no_finding'}) or ['kind: mosaic']} "
+                        "describe a multi-label set; add 'task: multi_label' to the YAML.")
     if kind == "folder":
         ds = sources.from_folder(_resolve(src.pop("path")), name=spec["name"], **src, **meta)
     elif kind == "csv":
@@ -424,6 +434,36 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
     ds.method_presets = dict(spec.get("method_presets") or {})   # applied by run_settings()
     ds.paper_protocol = spec.get("paper_protocol")
     ds.class_map = dict(spec.get("class_map") or {})   # cross-dataset: classes shared under other names
+    return ds
+
+
+def _multilabel_from_spec(spec, kind, src, class_ids, names, meta):
+    """A ``task: multi_label`` YAML: the findings are its ``classes`` (id -> readable name)."""
+    from .data import multilabel
+
+    meta = dict(meta, metric=spec.get("metric", "macro_auroc"))
+    mapping = dict(zip(class_ids, names))
+    if "root" in src:
+        src["root"] = _resolve(src["root"])
+    if kind == "csv":
+        if "label_separator" not in src and "findings" not in src:
+            src["findings"] = class_ids
+        elif "label_separator" in src:
+            src.setdefault("findings", class_ids)
+        ds = multilabel.from_csv_multilabel(_resolve(src.pop("path")), name=spec["name"], class_names=mapping,
+                                            **src, **meta)
+    elif kind == "npz":
+        ds = multilabel.from_npz_multilabel(_resolve(src.pop("path")), name=spec["name"], class_names=names,
+                                            class_ids=class_ids, **src, **meta)
+    elif kind == "mosaic":
+        ds = multilabel.mosaic_dataset(_resolve(src.pop("path")), name=spec["name"], classes=class_ids,
+                                       class_names=names, **src, **meta)
+    else:
+        raise DataError(f"{spec['_file']}: a multi_label dataset can be read from sources of kind csv, npz or "
+                        f"mosaic; {kind!r} is not supported for multi-label yet (download the data and use a CSV "
+                        "with one column per finding or a separated list).")
+    if builtins.list(ds.class_ids) != class_ids:
+        raise DataError(f"{spec['_file']}: the data's findings {ds.class_ids} do not match 'classes' {class_ids}.")
     return ds
 
 

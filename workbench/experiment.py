@@ -42,6 +42,7 @@ class RunResult:
     logits: torch.Tensor
     labels: torch.Tensor
     model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
+    test_ids: list | None = None    # the test images of logits' rows, in order (subgroup audits: workbench.audit)
 
     def __repr__(self) -> str:
         r = self.row
@@ -51,7 +52,7 @@ class RunResult:
         saved = f"; model in {self.model_dir}" if self.model_dir else ""
         return (f"RunResult({r['method']} on {r['dataset']} with {r['backbone']} "
                 f"({r.get('pretrained') or 'random weights'}), K={r['shots']}, seed={r['seed']}: test "
-                f"{metric.replace('_', ' ')} {100 * r[metric]:.1f}%{val_text}{saved})")
+                f"{metric.replace('_', ' ')} {100 * r.get(metric, float('nan')):.1f}%{val_text}{saved})")
 
 
 def _as_method(method: str | Method, params: dict | None) -> Method:
@@ -169,6 +170,19 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     method = _as_method(method, settings.params or None)
     check_unlabeled(unlabeled, protocol, "run_experiment", method=method)
     unlabeled = default_unlabeled(unlabeled, method)
+    if getattr(dataset, "task", "single_label") == "multi_label":   # its own run: workbench/multilabel.py
+        if budget is not None or language:
+            raise ConfigError("run_experiment on a multi-label dataset takes shots (positives per finding); "
+                              "budget= and language= are single-label options.")
+        from .multilabel import run_multilabel_experiment
+
+        return run_multilabel_experiment(dataset, backbone, method, shots, seed, cache=cache, templates=templates,
+                                         split_dir=split_dir, out_dir=out_dir, domain=domain, save_model=save_model,
+                                         settings=settings, protocol=protocol)
+    from .methods.registry import check_method_task, method_names
+
+    if method.name in method_names():   # a registered method that declares no single-label support is refused
+        check_method_task(method.name, "single_label")
     cache = cache or FeatureCache(backbone)
     split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation,
                             val_shots=val_shots)
@@ -265,7 +279,8 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
                                   (torch.softmax(calibration[0], -1), calibration[1]),
                                   calibration_certified=calibration_samples is not None or not val_tuned,
                                   ).save(run_dir / "model")
-    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir)
+    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir,
+                     test_ids=list(test.ids))
 
 
 def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int], *,
@@ -304,8 +319,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
 
         return compare_retrieval(dataset, backbone, methods, seeds, cache=cache, method_params=method_params,
                                  out_dir=out_dir, domain=domain, resume=resume)
+    from .methods.registry import check_method_task
+
     for m in methods:
         method_class(m)  # fail on a misspelt name before any work
+        check_method_task(m, getattr(dataset, "task", "single_label"))   # and on a method of another task kind
     shots = [check_shots(k, "compare") for k in shots]
     seeds = [check_seed(s, "compare") for s in seeds]
     if protocol in ("default", "cross_dataset"):
@@ -420,7 +438,9 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
         raise Interrupted(msg, done, len(grid), results.path if results is not None else None) from None
     finally:
         bar.close()
-    table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS)
+    # multi-label rows add their own scalars (micro_auroc, mAP, ...: workbench/multilabel.py) after the shared columns
+    extra = list(dict.fromkeys(k for c in grid for k in rows[c["cell_id"]] if k not in TABLE_COLUMNS))
+    table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS + extra)
     # rows of results files written before the protocol column existed are standard few-shot runs
     table["protocol"] = table["protocol"].fillna("").astype(str).replace("", "default")
     # rows written before the unlabeled columns existed used no unlabeled image

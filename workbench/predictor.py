@@ -141,6 +141,17 @@ class Predictor:
         when the calibration images were also selection images (the guarantee then does not hold).
         """
         images = _as_image_list(images)
+        if hasattr(self.method, "predict_findings"):   # multi-label: findings above threshold + every probability
+            if coverage is not None:
+                raise ConfigError("prediction sets (coverage=) are for single-label models; a multi-label model "
+                                  "already returns every finding above its threshold.")
+            logits = self.predict_logits(images).float()
+            probs = torch.sigmoid(logits).numpy()
+            table = pd.DataFrame(probs, columns=self.class_names)
+            thr = self.method.thresholds.double().numpy()
+            table.insert(0, "findings", [[n for n, p, t in zip(self.class_names, row, thr) if p >= t] for row in probs])
+            table.insert(0, "image", [str(i) if isinstance(i, (str, Path)) else f"#{n}" for n, i in enumerate(images)])
+            return table
         probs_t = torch.softmax(self.predict_logits(images).float(), dim=-1)
         probs = probs_t.numpy()
         names = self.class_names

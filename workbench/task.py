@@ -140,6 +140,15 @@ class FewShotTask:
         on them is optimistic and they cannot calibrate conformal sets."""
         return bool(self._used.get("val_read"))
 
+    def targets_for(self, ids: Sequence[str]) -> torch.Tensor:
+        """Multi-label tasks: the ``[N, L]`` finding values (1 / 0 / -1 uncertain) of support or
+        validation images, in the order of ``ids`` (e.g. a :class:`Features`' ids)."""
+        samples = self._view.samples(ids)
+        if not samples or getattr(samples[0], "targets", None) is None:
+            raise ConfigError(f"dataset {self._view.name!r} is not a multi-label dataset: its images have one class "
+                              "each (use Features.labels).")
+        return torch.tensor([s.targets for s in samples], dtype=torch.long)
+
     def support_images(self) -> tuple[list, list[int]]:
         """The support images (PIL, RGB) and their labels, for methods that train the encoders."""
         samples = self.support_samples()

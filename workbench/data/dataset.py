@@ -60,6 +60,8 @@ class Dataset:
     domain: str | None = None
     templates: list[str] | None = None
     metric: str = "accuracy"
+    #: metadata columns for subgroup audits (workbench.audit): column -> {sample id -> value}; never used in fitting
+    groups: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.class_ids = [str(c) for c in self.class_ids]

@@ -254,8 +254,21 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     naming the row. Rows whose label is empty or ``nan``/``None``/``null``/``NA`` are skipped and
     recorded in ``dataset.skipped`` (with a warning). ``encoding``: the file's text encoding
     (``"latin-1"`` for files saved by older Excel versions).
+
+    Multi-label: ``findings=[column, ...]`` (one 1/0/-1/blank column per finding, with
+    ``uncertain=``) or ``label_separator="|"`` (a list per row in ``label_column``) load a
+    :class:`~workbench.data.multilabel.MultiLabelDataset` (see :func:`~workbench.data.multilabel.from_csv_multilabel`).
     """
+    if "findings" in meta or "label_separator" in meta:
+        from .multilabel import from_csv_multilabel
+
+        return from_csv_multilabel(path, name=name, path_column=path_column, split_column=split_column, root=root,
+                                   class_names=class_names, test_fraction=test_fraction, split_seed=split_seed,
+                                   check_images=check_images, max_bad_fraction=max_bad_fraction,
+                                   max_image_pixels=max_image_pixels, encoding=encoding,
+                                   label_column=label_column if "label_separator" in meta else None, **meta)
     effective_pixel_limit(max_image_pixels)
+    group_columns = list(meta.pop("groups", None) or [])   # metadata for subgroup audits (workbench.audit)
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"CSV manifest {str(path)!r} does not exist.")
@@ -263,7 +276,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     name = name or path.stem
     columns, rows = _read_csv_rows(path, encoding)
     for col, what in ((path_column, "path_column"), (label_column, "label_column"),
-                      (split_column, "split_column")):
+                      (split_column, "split_column"), *((g, "groups") for g in group_columns)):
         if col is not None and col not in columns:
             raise DataError(f"CSV {str(path)!r} has no column {col!r} (set by {what}); its columns are "
                             f"{columns}." + did_you_mean(col, columns))
@@ -313,6 +326,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
         data_root = str(root.resolve())
     splits: dict[str, list[Sample]] = {}
     first_row: dict[str, tuple[int, str, str]] = {}
+    groups: dict[str, dict] = {g: {} for g in group_columns}
     for (n, row, lab), file in zip(kept, files):
         raw = str(row[path_column] or "").strip()
         split = "train"
@@ -336,6 +350,8 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
             skipped.append({"id": raw, "reason": reason})
             continue
         splits.setdefault(split, []).append(Sample(sid, index[lab], file))
+        for g in group_columns:
+            groups[g][sid] = str(row[g] if row[g] is not None else "").strip()
     unreadable = skipped[n_unlabelled:]
     check_bad_fraction(name, len(kept), unreadable, max_bad_fraction)
     if n_unlabelled:
@@ -358,7 +374,8 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     if max_image_pixels is not None:
         source["max_image_pixels"] = max_image_pixels
     return Dataset(name=name, class_ids=class_ids, class_names=readable, splits=splits,
-                   reader=Reader(max_image_pixels), source=source, skipped=skipped, notes=notes, **meta)
+                   reader=Reader(max_image_pixels), source=source, skipped=skipped, notes=notes, groups=groups,
+                   **meta)
 
 
 # -- in-memory arrays (MedMNIST .npz) ---------------------------------------------------------
