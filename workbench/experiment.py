@@ -27,33 +27,12 @@ from .methods.base import Method
 from .metrics import SCALAR_METRICS, compute_metrics
 from .paths import safe_name
 from .progress import progress
-from .record import (PROTOCOL_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
+from .record import (PROTOCOL_COLUMNS, RunResult, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
                      _validation_logits, _validation_scores, environment_info)
 from .task import FewShotTask
 from .unlabeled import (UNLABELED_COLUMNS, check_unlabeled, default_unlabeled, method_unlabeled_source,
                         resolve_unlabeled)
 from .validate import check_seed, check_shots
-
-@dataclass
-class RunResult:
-    row: dict
-    record: dict
-    method: Method
-    logits: torch.Tensor
-    labels: torch.Tensor
-    model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
-    test_ids: list | None = None    # the test images of logits' rows, in order (subgroup audits: workbench.audit)
-
-    def __repr__(self) -> str:
-        r = self.row
-        metric = r.get("metric") or "accuracy"
-        val = r.get(f"val_{metric}")
-        val_text = f", K-shot val {100 * val:.1f}%" if isinstance(val, (int, float)) and val == val else ""
-        saved = f"; model in {self.model_dir}" if self.model_dir else ""
-        return (f"RunResult({r['method']} on {r['dataset']} with {r['backbone']} "
-                f"({r.get('pretrained') or 'random weights'}), K={r['shots']}, seed={r['seed']}: test "
-                f"{metric.replace('_', ' ')} {100 * r.get(metric, float('nan')):.1f}%{val_text}{saved})")
-
 
 def _as_method(method: str | Method, params: dict | None) -> Method:
     if isinstance(method, Method):
@@ -315,7 +294,7 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
 
     check_protocol(protocol)
     if protocol == "retrieval" or getattr(dataset, "task", None) == "retrieval":   # image–text pairs
-        from .retrieval import compare_retrieval
+        from .retrieval_runs import compare_retrieval
 
         return compare_retrieval(dataset, backbone, methods, seeds, cache=cache, method_params=method_params,
                                  out_dir=out_dir, domain=domain, resume=resume)
@@ -485,7 +464,7 @@ def summarize(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """
     if metric is not None and metric not in table.columns:
         raise ConfigError(f"metric {metric!r} is not a column of the results; columns: {list(table.columns)}.")
-    from .report import mark_transductive
+    from .unlabeled import mark_transductive
 
     table = mark_transductive(table)   # transductive rows are their own group: "transclip [transductive]"
     # A table holding base-to-new or cross-dataset rows is summarised per protocol (and target dataset):

@@ -27,7 +27,7 @@ SINGLE_LABEL_ONLY = ("accuracy", "balanced_accuracy")
 def run_multilabel_experiment(dataset, backbone, method, shots: int, seed: int, *, cache, templates, split_dir,
                               out_dir, domain, save_model: bool, settings, protocol: str = "default"):
     from .data.multilabel import sample_multilabel_few_shot
-    from .experiment import RunResult, VAL_COLUMNS, environment_info
+    from .record import RunResult, VAL_COLUMNS, environment_info
     from .features import FeatureCache
     from .methods.registry import check_method_task
     from .task import FewShotTask

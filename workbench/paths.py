@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: the package's version (``workbench.__version__``), recorded in saved models; here so that any room may read it
+package_version = "0.1.0"
+
 
 def _is_root(p: Path) -> bool:
     return (p / "pyproject.toml").is_file() and (p / "workbench").is_dir() and (p / "domains").is_dir()

@@ -7,6 +7,7 @@ and records from these pieces (before, each imported the other: the only import 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import os
 import platform
 import subprocess
@@ -121,3 +122,24 @@ def _validation_scores(val: tuple[torch.Tensor, torch.Tensor] | None, n_classes:
         return {c: float("nan") for c in VAL_COLUMNS}
     scores = compute_metrics(val[0], val[1], n_classes)
     return {c: scores[c[len("val_"):]] for c in VAL_COLUMNS}
+
+
+@dataclass
+class RunResult:
+    row: dict
+    record: dict
+    method: Method
+    logits: torch.Tensor
+    labels: torch.Tensor
+    model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
+    test_ids: list | None = None    # the test images of logits' rows, in order (subgroup audits: workbench.audit)
+
+    def __repr__(self) -> str:
+        r = self.row
+        metric = r.get("metric") or "accuracy"
+        val = r.get(f"val_{metric}")
+        val_text = f", K-shot val {100 * val:.1f}%" if isinstance(val, (int, float)) and val == val else ""
+        saved = f"; model in {self.model_dir}" if self.model_dir else ""
+        return (f"RunResult({r['method']} on {r['dataset']} with {r['backbone']} "
+                f"({r.get('pretrained') or 'random weights'}), K={r['shots']}, seed={r['seed']}: test "
+                f"{metric.replace('_', ' ')} {100 * r.get(metric, float('nan')):.1f}%{val_text}{saved})")

@@ -5,6 +5,7 @@ import pandas as pd
 
 from .errors import ConfigError
 from .experiment import summarize
+from .unlabeled import TRANSDUCTIVE_MARK, _transductive_flag, mark_transductive  # noqa: F401 (re-exported)
 
 
 def _pyplot():
@@ -68,30 +69,6 @@ def chance_level(metric: str, n_classes: int | None) -> float | None:
     if metric in ("accuracy", "balanced_accuracy", "macro_f1") and n_classes:
         return 1.0 / n_classes
     return None
-
-
-#: appended to the method name of transductive rows (``transductive`` column, see workbench.unlabeled) in
-#: summaries, rankings and plot legends, so they are never mixed with inductive rows without saying so
-TRANSDUCTIVE_MARK = " [transductive]"
-
-
-def mark_transductive(table: pd.DataFrame) -> pd.DataFrame:
-    """The table with ``method`` suffixed by :data:`TRANSDUCTIVE_MARK` on transductive rows (a copy; the table
-    itself when there is nothing to mark): such a method used the test images it is scored on, so it is its own
-    group."""
-    if "transductive" not in table.columns:
-        return table
-    flag = _transductive_flag(table) & ~table["method"].astype(str).str.endswith(TRANSDUCTIVE_MARK)    # marked once
-    if not flag.any():
-        return table
-    table = table.copy()
-    table.loc[flag, "method"] = table.loc[flag, "method"].astype(str) + TRANSDUCTIVE_MARK
-    return table
-
-
-def _transductive_flag(table: pd.DataFrame) -> pd.Series:
-    """The ``transductive`` column as booleans (a CSV read back may hold "True" strings; old rows NaN)."""
-    return table["transductive"].fillna(False).astype(str).str.lower().isin(["true", "1", "1.0"])
 
 
 def _any_transductive(table: pd.DataFrame) -> bool:

@@ -262,3 +262,28 @@ def method_unlabeled_source(method, pool: UnlabeledPool | None) -> dict:
         return {"unlabeled_source": "test (stream)", "transductive": True}
     return {"unlabeled_source": pool.source if pool is not None else "test",
             "transductive": bool(getattr(method, "transductive", False))}
+
+
+# Transductive rows in tables: marked so that summaries, rankings and plots never mix them silently.
+#: appended to the method name of transductive rows (``transductive`` column) in summaries, rankings and
+#: plot legends, so they are never mixed with inductive rows without saying so
+TRANSDUCTIVE_MARK = " [transductive]"
+
+
+def mark_transductive(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with ``method`` suffixed by :data:`TRANSDUCTIVE_MARK` on transductive rows (a copy; the table
+    itself when there is nothing to mark): such a method used the test images it is scored on, so it is its own
+    group."""
+    if "transductive" not in table.columns:
+        return table
+    flag = _transductive_flag(table) & ~table["method"].astype(str).str.endswith(TRANSDUCTIVE_MARK)    # marked once
+    if not flag.any():
+        return table
+    table = table.copy()
+    table.loc[flag, "method"] = table.loc[flag, "method"].astype(str) + TRANSDUCTIVE_MARK
+    return table
+
+
+def _transductive_flag(table: pd.DataFrame) -> pd.Series:
+    """The ``transductive`` column as booleans (a CSV read back may hold "True" strings; old rows NaN)."""
+    return table["transductive"].fillna(False).astype(str).str.lower().isin(["true", "1", "1.0"])

@@ -303,7 +303,7 @@ def from_npz_multilabel(path, *, class_names: Sequence[str], name: str | None = 
     """A ChestMNIST-style ``.npz``: ``{split}_images`` and ``[N, L]`` 0/1 ``{split}_labels``."""
     import zipfile
 
-    from .sources import ArrayReader
+    from .dataset import ArrayReader
 
     path = Path(path).expanduser()
     if not path.is_file():

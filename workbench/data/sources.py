@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
-from .dataset import (Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
+from .dataset import (ArrayReader, Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
                       resolve_class_names, stratified_holdout)
 from .hub import cache_only, offline_message, offline_reason
 from .images import array_to_image, effective_pixel_limit, open_rgb
@@ -379,17 +379,6 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
 
 
 # -- in-memory arrays (MedMNIST .npz) ---------------------------------------------------------
-
-class ArrayReader(Reader):
-    """Reads image ``i`` of split ``s`` from in-memory arrays (picklable for DataLoader workers)."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray]):
-        self.arrays = dict(arrays)
-
-    def __call__(self, ref):
-        split, i = ref
-        return array_to_image(self.arrays[split][i])
-
 
 def _integer_labels(lab: np.ndarray, split: str, where: str) -> np.ndarray:
     """Class indices must be integers: a float label would be truncated (1.7 -> class 1) without a word."""

@@ -133,7 +133,7 @@ class Method:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state().items()},
                       str(tmp / "state.safetensors"))
             self.save_extra(tmp)
-            from .. import __version__
+            from ..paths import package_version as __version__
 
             meta = {"format": SAVE_FORMAT, "workbench_version": __version__, "method": self.name,
                     "config": dataclasses.asdict(self.config),
@@ -159,7 +159,7 @@ class Method:
         known = {f.name for f in dataclasses.fields(cls.Config)}
         unknown = sorted(set(meta.get("config") or {}) - known)
         if unknown:
-            from .. import __version__
+            from ..paths import package_version as __version__
 
             raise ConfigError(f"saved method folder {str(folder)!r}: method.json has setting {unknown[0]!r}, which "
                               f"method {meta['method']!r} of this workbench version ({__version__}) does not know; "

@@ -214,7 +214,7 @@ class ContrastiveFineTune(Method):
         train_samples = pairs.split("train")
         decoded = [pairs.reader(s.ref) for s in train_samples]
         texts, owner = pairs.texts("train")
-        from ...data.pairs import caption_truncation
+        from ...retrieval import caption_truncation
 
         truncation = caption_truncation(texts, backbone.tokenizer)
         tokens = backbone.tokenize(texts).to(backbone.device)
