@@ -152,7 +152,7 @@ def test_a_pairs_run_checkpoints_and_resumes_through_the_one_loop(backbone, smal
                          reader=small.reader)
     params = dict(steps=2, batch_size=8, lr=1e-2, checkpoint_dir=str(tmp_path / "ckpt"))
     first = fine_tune_pairs(corpus, backbone, "pairs_svd", **params)
-    assert list((tmp_path / "ckpt").glob("run-*/last.pt"))
+    assert list((tmp_path / "ckpt").glob("run-*/last.safetensors"))
     again = fine_tune_pairs(corpus, backbone, "pairs_svd", **params)
     assert again.fit_info["resumed_from_epoch"] == 1 and again.fit_info["steps"] == 2
     assert again.backbone_.weights_hash == first.backbone_.weights_hash

@@ -6,6 +6,7 @@ methods, so the two halves in one module would import each other.
 """
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 from .errors import ConfigError

@@ -266,7 +266,10 @@ def sample_few_shot(dataset: Dataset, shots: int | None, seed: int, *, val_shots
 def check_shots_fit(dataset: Dataset, shots: int) -> None:
     """Refuse, before any work, a K larger than some class's training images (the DataError of sampling)."""
     train_pool = dataset.split("train")
-    class_sizes = [sum(1 for s in train_pool if s.label == label) for label in range(dataset.n_classes)]
+    if train_pool and getattr(train_pool[0], "targets", None) is not None:   # multi-label: positives per finding
+        class_sizes = [sum(1 for s in train_pool if s.targets[label] == 1) for label in range(dataset.n_classes)]
+    else:
+        class_sizes = [sum(1 for s in train_pool if s.label == label) for label in range(dataset.n_classes)]
     _check_classes_hold(dataset, shots, class_sizes)
 
 
