@@ -242,13 +242,36 @@ def test_pooled_cache_serves_rows_equal_to_the_subsets_own_encoding(backbone, sh
 # -- the budget and bad input -----------------------------------------------------------------
 
 def test_budget_picks_candidates_from_the_registry_cost_per_device():
-    features = [e.name for e in registry.METHODS if e.family == "features"]
+    features = [e.name for e in registry.METHODS if e.family == "features" and "single_label" in e.tasks]
     assert candidate_methods(None, "minutes", "cpu")[0] == features      # GPU minutes are CPU hours
     on_gpu = candidate_methods(None, "minutes", "cuda")[0]
     assert "coop" in on_gpu and "clip_lora" in on_gpu
     kept, excluded = candidate_methods(["gda", "coop"], "seconds", "cuda")
     assert kept == ["gda"] and "coop" in excluded and "minutes" in excluded["coop"]
     assert "coop" in candidate_methods(None, "hours", "cpu")[0]
+
+
+def test_candidates_follow_the_task_kind_of_the_dataset():
+    every = candidate_methods(None, "hours", "cuda")[0]
+    assert not any(m.startswith("pairs_") for m in every) and "chexzero" not in every and "gda" in every
+    assert candidate_methods(None, "hours", "cuda", "multi_label")[0] == ["chexzero", "ovr_linear_probe"]
+    with pytest.raises(ConfigError, match=r"'pairs_lora' does not support single_label.*'gda'"):
+        candidate_methods(["gda", "pairs_lora"], "hours", "cuda")
+    with pytest.raises(ConfigError, match=r"'gda' does not support multi_label.*\['chexzero', 'ovr_linear_probe'\]"):
+        candidate_methods(["gda", "chexzero"], "hours", "cuda", "multi_label")
+
+
+def test_an_explicit_candidate_of_another_kind_is_refused_before_any_encoding(backbone, shapes4, monkeypatch):
+    from workbench.features import FeatureCache
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("an image was encoded before the candidates were checked")
+
+    monkeypatch.setattr(FeatureCache, "get", no_encoding)
+    with pytest.raises(ConfigError, match="'linear_probe' does not support multi_label.*'ovr_linear_probe'"):
+        recommend("whu_rs19_mosaic", backbone, ["chexzero", "linear_probe"], shots=2, seeds=[1], budget="seconds")
+    with pytest.raises(ConfigError, match="'pairs_svd' does not support single_label"):
+        recommend(shapes4, backbone, ["gda", "pairs_svd"], shots=2, seeds=[1], budget="hours")
 
 
 def test_a_budget_no_candidate_fits_names_the_budget_and_the_cheapest_estimate():

@@ -91,16 +91,26 @@ def check_budget(budget) -> str:
     return budget
 
 
-def candidate_methods(methods: Sequence[str] | None, budget: str, device_type: str) -> tuple[list[str], dict]:
-    """The methods that fit ``budget`` (default: every registered method) and ``{excluded: reason}``.
+def candidate_methods(methods: Sequence[str] | None, budget: str, device_type: str,
+                      kind: str = "single_label") -> tuple[list[str], dict]:
+    """The methods that fit ``budget`` and the dataset's task ``kind`` (default: every registered method
+    that declares the kind, :func:`~workbench.methods.registry.methods_for_task`) and ``{excluded: reason}``.
 
-    Raises :class:`ConfigError` naming the budget and the cheapest candidate's estimate when
+    An explicit candidate that does not support ``kind`` is a :class:`ConfigError` naming it and the
+    methods that do (:func:`~workbench.methods.registry.check_method_task`): a multi-label dataset gets
+    multi-label methods, and the ``pairs_*`` fine-tunings (``retrieval``) are never classification
+    candidates. Raises :class:`ConfigError` naming the budget and the cheapest candidate's estimate when
     none fits.
     """
-    from .methods.registry import METHODS
+    from .methods.registry import METHODS, check_method_task
 
     check_budget(budget)
-    names = [e.name for e in METHODS] if methods is None else list(methods)
+    if methods is None:
+        names = [e.name for e in METHODS if kind in e.tasks]
+    else:
+        names = list(methods)
+        for m in names:
+            check_method_task(m, kind)   # unknown name: did-you-mean; wrong kind: the supporters listed
     if not names:
         raise ConfigError("methods is empty; pass None for every method that fits the budget, or name some.")
     tiers = {m: cost_tier(m, device_type) for m in names}
@@ -624,21 +634,23 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
     from .domains import load_dataset, run_settings
     from .features import FeatureCache
     from .methods import get_method
+    from .task_kinds import task_kind
 
     args = _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence)
     backbone_list = _as_list(backbones, "backbones")
     device_types = {b.device.type if isinstance(b, Backbone) else resolve_device(device).type for b in backbone_list}
     # the slowest device decides: GPU minutes are CPU hours
     device_type = "cuda" if device_types == {"cuda"} else sorted(device_types - {"cuda"})[0]
-    candidates, excluded = candidate_methods(methods, budget, device_type)
+    if not isinstance(dataset, Dataset):
+        dataset = load_dataset(dataset)   # read, not encoded: its task kind decides the candidates
+    kind = task_kind(getattr(dataset, "task", None) or "single_label")
+    candidates, excluded = candidate_methods(methods, budget, device_type, kind.name)
     unknown = sorted(set(method_params or {}) - set(candidates) - set(excluded))
     if unknown:
         raise ConfigError(f"method_params names {unknown}, which are not among the methods {candidates}.")
     for m in candidates:   # types and bounds of every method's parameters
         get_method(m, **((method_params or {}).get(m) or {}))
-    if not isinstance(dataset, Dataset):
-        dataset = load_dataset(dataset)
-    metric = metric or getattr(dataset, "metric", None) or "accuracy"
+    metric = metric or getattr(dataset, "metric", None) or kind.primary_metric
     if metric not in BOOTSTRAP_METRICS:
         raise ConfigError(f"metric {metric!r}: recommend bootstraps {BOOTSTRAP_METRICS} (computed from predicted "
                           "labels); pass metric= one of them.")
