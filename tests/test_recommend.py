@@ -496,3 +496,76 @@ def test_features_that_are_not_finite_stop_recommend_naming_the_images(backbone,
                                                 r"'rec_shapes'\) are not finite \(NaN or inf\), e\.g\. \['"):
         recommend(shapes4, backbone, ["zero_shot", "linear_probe"], shots=2, seeds=[1], resplits=2,
                   budget="seconds", n_boot=200)
+
+
+# -- multi-label datasets: macro AUROC from per-finding scores ---------------------------------------
+
+def test_macro_auroc_resampled_matches_sklearn_on_the_explicit_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    from workbench.recommend import bootstrap_draws, group_metric, macro_auroc_resampled
+
+    rng = np.random.default_rng(0)
+    n, n_find = 14, 4
+    y = rng.integers(0, 2, size=(n, n_find))
+    y[0, 1], y[1, 2] = -1, -1                        # uncertain: left out of that finding
+    y[:, 3] = 0
+    y[0, 3] = 1                                      # a rare finding: often absent from a resample
+    scores = np.round(rng.normal(size=(2, n, n_find)), 1)   # rounded: tied scores
+    _, images = bootstrap_draws([n], 20, seed=3)
+    got = macro_auroc_resampled(y, scores, images[0])
+    for m in range(2):
+        for r, idx in enumerate(images[0]):
+            per = []
+            for f in range(n_find):
+                yy, ss = y[idx, f], scores[m, idx, f]
+                known = yy >= 0
+                if 0 < yy[known].sum() < known.sum():
+                    per.append(roc_auc_score(yy[known], ss[known]))
+            expected = np.mean(per) if per else np.nan
+            np.testing.assert_allclose(got[m, r], expected, rtol=1e-12, equal_nan=True)
+    from workbench.metrics import compute_multilabel_metrics
+
+    assert group_metric(y, scores, 0, "macro_auroc")[0] == pytest.approx(
+        compute_multilabel_metrics(scores[0], y)["macro_auroc"])
+
+
+@pytest.fixture(scope="module")
+def rec_mosaic():
+    """The offline WHU-RS19 mosaic set (the generator of domains/remote_sensing/whu_rs19_mosaic.yaml), small."""
+    from workbench.data.multilabel import mosaic_dataset
+    from workbench.paths import repo_root
+
+    return mosaic_dataset(repo_root() / "data" / "whu_rs19_mini", n_images=40, seed=2, name="rec_mosaic",
+                          classes=["airport", "beach", "forest", "port", "river"], templates=["aerial imagery of {}."])
+
+
+def test_resplit_of_a_multi_label_pool_keeps_a_positive_of_every_finding_in_the_support(rec_mosaic):
+    from workbench.data.multilabel import sample_multilabel_few_shot, targets_of
+    from workbench.recommend import resplit
+
+    split = sample_multilabel_few_shot(rec_mosaic, 2, 1)
+    pool = {s.id for s in split.train(rec_mosaic) + split.val(rec_mosaic)}
+    held_all = []
+    for r in range(3):
+        inner, held = resplit(rec_mosaic, split, r, 1 / 3)
+        ids = [s.id for s in held]
+        assert ids and not set(ids) & (set(inner.train_ids) | set(inner.val_ids))
+        assert set(ids) | set(inner.train_ids) | set(inner.val_ids) == pool
+        support = targets_of(rec_mosaic.samples(inner.train_ids), rec_mosaic.n_findings)
+        assert ((support == 1).sum(0) >= 1).all() and inner.val_ids
+        held_all += ids
+    assert sorted(held_all) == sorted(pool)          # 3-fold: each labelled image held out exactly once
+
+
+def test_recommend_on_a_multi_label_set_ranks_on_macro_auroc(backbone, rec_mosaic, tmp_path, quiet):
+    rec = recommend(rec_mosaic, backbone, None, shots=2, seeds=[1], budget="seconds", resplits=2, n_boot=200,
+                    out_dir=tmp_path, method_params={"ovr_linear_probe": {"c_grid": [0.1, 10.0]}})
+    assert rec.metric == "macro_auroc" and set(rec.table["method"]) == {"chexzero", "ovr_linear_probe"}
+    assert not rec.failed and rec.table["estimate"].between(0, 1).all()
+    assert rec.ci_low <= rec.estimate <= rec.ci_high
+    assert rec.table["test"].notna().all() and "positive images per finding" in rec.summary
+    assert "macro_auroc" in rec.ranking().columns[3]
+    model = wb.load(rec.model_dir)
+    out = model.predict([rec_mosaic.load_image(rec_mosaic.split("test")[0])])
+    assert list(out.columns[2:]) == rec_mosaic.class_names

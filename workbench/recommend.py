@@ -55,8 +55,11 @@ from .errors import ConfigError, DataError, did_you_mean
 BUDGETS = ("seconds", "minutes", "hours")
 #: the budget's limit on one run's fit time, for the after-the-fact check of measured times
 BUDGET_SECONDS = {"seconds": 60.0, "minutes": 3600.0, "hours": math.inf}
-#: metrics the bootstrap computes from predicted labels (AUROC would need every replicate's scores)
-BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: metrics the bootstrap computes from predicted labels (single-label datasets)
+LABEL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: metrics the bootstrap computes from per-finding scores (multi-label datasets: y [n, L], scores [M, n, L])
+SCORE_METRICS = ("macro_auroc",)
+BOOTSTRAP_METRICS = LABEL_METRICS + SCORE_METRICS
 #: P(chosen beats this candidate) at or above which the ranking marks it significantly worse
 SIGNIFICANT = 0.95
 
@@ -184,6 +187,66 @@ def metric_from_labels(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, m
                       f"{BOOTSTRAP_METRICS}.")
 
 
+def macro_auroc_resampled(y_true: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``[M, R]``: the macro AUROC of M candidates on R resamples of the same n images.
+
+    ``y_true [n, L]`` (1 present, 0 absent, -1 uncertain: left out of that finding, as in
+    :func:`workbench.metrics.per_finding_auroc`), ``scores [M, n, L]``, ``idx [R, m]`` the image
+    indices of each resample (with repeats). An image drawn c times counts c times, so each AUROC is
+    the Mann–Whitney statistic over the drawn (positive, negative) pairs, ties one half; a finding
+    without both a positive and a negative in a resample is left out of its mean (as in
+    :func:`workbench.metrics.compute_multilabel_metrics`); NaN when no finding has both. O(R·n) per
+    (candidate, finding): cumulative positive weights in score order, one group per tied score.
+    """
+    y_true, scores, idx = np.asarray(y_true), np.asarray(scores, dtype=np.float64), np.atleast_2d(idx)
+    n, n_find = y_true.shape
+    n_rep = idx.shape[0]
+    w = np.zeros((n_rep, n))
+    np.add.at(w, (np.repeat(np.arange(n_rep), idx.shape[1]), idx.reshape(-1)), 1.0)
+    out = np.full((scores.shape[0], n_rep, n_find), np.nan)
+    for f in range(n_find):
+        wp, wn = w * (y_true[:, f] == 1), w * (y_true[:, f] == 0)
+        n_pos, n_neg = wp.sum(1), wn.sum(1)
+        ok = (n_pos > 0) & (n_neg > 0)
+        if not ok.any():
+            continue
+        for m in range(scores.shape[0]):
+            s = scores[m, :, f]
+            order = np.argsort(s, kind="stable")
+            ss = s[order]
+            new = np.r_[True, ss[1:] != ss[:-1]]                   # first position of each tied group
+            start = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+            end = (np.r_[np.flatnonzero(new)[1:], n] - 1)[np.cumsum(new) - 1]
+            cp = np.concatenate([np.zeros((n_rep, 1)), np.cumsum(wp[:, order], axis=1)], axis=1)
+            below, upto = cp[:, start], cp[:, end + 1]             # positives scored lower / not higher
+            above, tied = n_pos[:, None] - upto, upto - below
+            pairs = (wn[:, order] * (above + 0.5 * tied)).sum(1)   # (pos, neg) pairs ordered right
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[m, :, f] = np.where(ok, pairs / (n_pos * n_neg), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN: no finding with both classes
+        return np.nanmean(out, axis=-1)
+
+
+def resampled_metric(y_true: np.ndarray, pred: np.ndarray, idx: np.ndarray, n_classes: int,
+                     metric: str) -> np.ndarray:
+    """``[M, R]``: ``metric`` of M candidates on R resamples ``idx [R, m]`` of one group's images.
+
+    Single-label: ``y_true [n]``, ``pred [M, n]`` predicted labels (:func:`metric_from_labels`);
+    multi-label (:data:`SCORE_METRICS`): ``y_true [n, L]``, ``pred [M, n, L]`` scores
+    (:func:`macro_auroc_resampled`).
+    """
+    idx = np.atleast_2d(idx)
+    if metric in SCORE_METRICS:
+        return macro_auroc_resampled(y_true, pred, idx)
+    return metric_from_labels(np.asarray(y_true)[idx][None], np.asarray(pred)[:, idx], n_classes, metric)
+
+
+def group_metric(y_true: np.ndarray, pred: np.ndarray, n_classes: int, metric: str) -> np.ndarray:
+    """``[M]``: ``metric`` of M candidates on one group's images (see :func:`resampled_metric`)."""
+    return resampled_metric(y_true, pred, np.arange(len(y_true))[None], n_classes, metric)[:, 0]
+
+
 def bootstrap(groups: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int, metric: str, n_boot: int = 2000,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Point estimates ``[M]`` and bootstrap replicates ``[n_boot, M]`` of M candidates.
@@ -192,16 +255,29 @@ def bootstrap(groups: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int, m
     held-out images for every candidate, which makes the replicates paired. The point estimate
     is the mean over groups of each group's metric; a replicate averages the groups' metrics on
     resampled images, weighted by how often each group was drawn (:func:`bootstrap_draws`).
+    Multi-label (``metric="macro_auroc"``): ``y_true [n_g, L]`` targets and ``y_pred [M, n_g, L]``
+    scores, resampled over images (:func:`macro_auroc_resampled`); a group whose resample has no
+    finding with both classes (NaN) is left out of that replicate's mean instead of counting 0, and a
+    replicate with no AUROC at all (every drawn group such) is dropped: fewer than ``n_boot`` rows.
     """
     if not groups:
         raise DataError("nothing to bootstrap: no held-out images.")
-    point = np.mean([metric_from_labels(y, p, n_classes, metric) for y, p in groups], axis=0)
+    point = np.mean([group_metric(y, p, n_classes, metric) for y, p in groups], axis=0)
     counts, images = bootstrap_draws([len(y) for y, _ in groups], n_boot, seed)
     total = np.zeros((n_boot, groups[0][1].shape[0]))
+    weight = np.zeros((n_boot, groups[0][1].shape[0]))
     for g, ((y, p), idx) in enumerate(zip(groups, images)):
-        scores = metric_from_labels(y[idx][None], p[:, idx], n_classes, metric)   # [M, n_boot]
+        scores = resampled_metric(y, p, idx, n_classes, metric)   # [M, n_boot]
+        finite = np.isfinite(scores)
         scores = np.nan_to_num(scores, nan=0.0)  # only when a group drew no image of any class: weight 0 below
         total += counts[:, g:g + 1] * scores.T
+        weight += counts[:, g:g + 1] * finite.T
+    if metric in SCORE_METRICS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = total / weight
+        # a replicate whose every drawn group lacks a finding with both classes has no AUROC: validity depends on
+        # the targets alone, so it is NaN for every candidate at once, and is dropped (pairing kept)
+        return point, reps[np.isfinite(reps).all(axis=1)]
     return point, total / len(groups)
 
 
@@ -234,8 +310,8 @@ def pooled_scores(groups: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequenc
     by_key: dict = {}
     for (y, p), key in zip(groups, keys):
         by_key.setdefault(key, []).append((y, p))
-    scores = [metric_from_labels(np.concatenate([y for y, _ in parts]),
-                                 np.concatenate([p for _, p in parts], axis=-1), n_classes, metric)
+    scores = [group_metric(np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts], axis=1),
+                           n_classes, metric)
               for parts in by_key.values()]
     return np.mean(scores, axis=0)
 
@@ -312,6 +388,8 @@ def resplit(dataset, split, resplit_index: int, holdout: float):
     """
     from .data.sampling import FewShotSplit
 
+    if getattr(dataset, "task", "single_label") == "multi_label":
+        return resplit_multilabel(dataset, split, resplit_index, holdout)
     folds = folds_for(holdout)
     repetition, fold = divmod(resplit_index, folds)
     pool = split.train(dataset) + split.val(dataset)
@@ -332,6 +410,56 @@ def resplit(dataset, split, resplit_index: int, holdout: float):
     inner = FewShotSplit(dataset=split.dataset, fingerprint=split.fingerprint, shots=max(per_class), seed=split.seed,
                          val_shots=split.val_shots, train_ids=train_ids, val_ids=val_ids,
                          val_source=f"recommend re-split {resplit_index} of the K-shot pool")
+    return inner, held
+
+
+def resplit_multilabel(dataset, split, resplit_index: int, holdout: float):
+    """:func:`resplit` for a multi-label K-shot split, where an image carries several findings.
+
+    The folds are stratified per finding by iterative stratification (Sechidis, Tsoumakas & Vlahavas,
+    "On the stratification of multi-label data", ECML PKDD 2011, simplified): the images are shuffled
+    once per repetition by a string seed; findings are taken rarest first, and each not yet placed
+    image showing the finding goes to the fold holding the fewest of its positives (then the fewest
+    images, then the lowest index); images without a finding go to the smallest folds. So a finding
+    with at least two positives keeps one outside every fold. The rest is split into support and
+    validation in the protocol's K : val_shots ratio, moving an image to validation only while every
+    finding it shows keeps a positive in the support (the one-vs-rest probes need one per finding).
+    A finding with no positive or no negative in a fold is left out of that fold's macro AUROC.
+    """
+    from .data.multilabel import targets_of
+    from .data.sampling import FewShotSplit
+
+    folds = folds_for(holdout)
+    repetition, fold = divmod(resplit_index, folds)
+    own = sorted(split.train(dataset) + split.val(dataset), key=lambda s: s.id)
+    random.Random(f"recommend-ml/{split.seed}/{split.shots}/{repetition}").shuffle(own)
+    pos = targets_of(own, dataset.n_findings) == 1                      # [n, L]
+    where = np.full(len(own), -1)
+    sizes, per_fold = np.zeros(folds, int), np.zeros((folds, pos.shape[1]), int)
+    for f in np.argsort(pos.sum(0), kind="stable"):                     # rarest finding first
+        for i in np.flatnonzero(pos[:, f] & (where < 0)):
+            target = min(range(folds), key=lambda g: (per_fold[g, f], sizes[g], g))
+            where[i], sizes[target] = target, sizes[target] + 1
+            per_fold[target] += pos[i]
+    for i in np.flatnonzero(where < 0):
+        target = min(range(folds), key=lambda g: (sizes[g], g))
+        where[i], sizes[target] = target, sizes[target] + 1
+    held = [s for i, s in enumerate(own) if where[i] == fold] if len(own) >= 2 else []
+    rest = [i for i in range(len(own)) if where[i] != fold or len(own) < 2]
+    ratio = split.val_shots / (split.shots + split.val_shots) if (split.shots + split.val_shots) else 0.0
+    n_val = min(len(rest) - 1, math.floor(len(rest) * ratio)) if rest else 0
+    left = pos[rest].sum(0) if rest else np.zeros(pos.shape[1], int)    # support positives per finding
+    val = []
+    for i in rest:
+        if len(val) >= n_val:
+            break
+        if (left[pos[i]] >= 2).all():
+            val.append(i)
+            left = left - pos[i]
+    inner = FewShotSplit(dataset=split.dataset, fingerprint=split.fingerprint, shots=split.shots, seed=split.seed,
+                         val_shots=split.val_shots, train_ids=[own[i].id for i in rest if i not in val],
+                         val_ids=[own[i].id for i in val], allocation="greedy_multilabel",
+                         val_source=f"recommend re-split {resplit_index} of the K-shot pool (stratified per finding)")
     return inner, held
 
 
@@ -526,9 +654,10 @@ def check_finite_features(feats, what: str, error: type = NonFiniteFeatures) -> 
         "array source?) and the backbone (weights that overflow at this precision: try precision='fp32').")
 
 
-def _predict(method, backbone, cache, view, samples):
+def _predict(method, backbone, cache, view, samples, multi_label: bool = False):
     """Predicted labels of ``method`` on ``samples`` of the labelled pool (its own features if it adapted
-    the image encoder)."""
+    the image encoder) and their labels; on a multi-label dataset the per-finding scores ``[n, L]`` and
+    the targets ``[n, L]``."""
     import torch
 
     from .features import FeatureCache
@@ -543,6 +672,10 @@ def _predict(method, backbone, cache, view, samples):
                               DataError)  # this candidate's own encoder: it fails, the others go on
     with torch.no_grad():
         logits = method.predict_logits(feats.x if method.normalized_input else feats.raw.mean(0)).float()
+    if multi_label:
+        from .data.multilabel import targets_of
+
+        return logits.double().cpu().numpy(), targets_of(view.samples(feats.ids), logits.shape[1])
     return logits.argmax(-1).cpu().numpy(), feats.labels.cpu().numpy()
 
 
@@ -611,9 +744,11 @@ def candidate_pairs(n_backbones: int, methods: Sequence[str]) -> list[tuple[int,
 def _draw_splits(dataset, shots, seeds, resplits: int, holdout: float, split_dir) -> tuple[dict, dict]:
     """The K-shot splits per (K, seed) and their re-splits (:func:`resplit`); a fold that holds out
     nothing is left out, and a (K, seed) with no held-out image at all is a ConfigError."""
+    from .data.multilabel import is_multi_label, sample_multilabel_few_shot
     from .data.sampling import sample_few_shot
 
-    splits = {(k, s): sample_few_shot(dataset, k, s, split_dir=split_dir) for k in shots for s in seeds}
+    sample = sample_multilabel_few_shot if is_multi_label(dataset) else sample_few_shot
+    splits = {(k, s): sample(dataset, k, s, split_dir=split_dir) for k in shots for s in seeds}
     # a fold can hold out nothing when every class has fewer images than folds: it is left out
     designs = {key: [(r, *part) for r in range(resplits) for part in [resplit(dataset, sp, r, holdout)] if part[1]]
                for key, sp in splits.items()}
@@ -651,9 +786,11 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
     for m in candidates:   # types and bounds of every method's parameters
         get_method(m, **((method_params or {}).get(m) or {}))
     metric = metric or getattr(dataset, "metric", None) or kind.primary_metric
-    if metric not in BOOTSTRAP_METRICS:
-        raise ConfigError(f"metric {metric!r}: recommend bootstraps {BOOTSTRAP_METRICS} (computed from predicted "
-                          "labels); pass metric= one of them.")
+    allowed = SCORE_METRICS if kind.name == "multi_label" else LABEL_METRICS
+    if metric not in allowed:
+        raise ConfigError(f"metric {metric!r}: on a {kind.name} dataset recommend bootstraps {allowed} ("
+                          + ("computed from per-finding scores" if kind.name == "multi_label" else
+                             "computed from predicted labels") + "); pass metric= one of them.")
     if not (dataset.has_split("test") and len(dataset.split("test")) > 0):
         raise DataError(f"dataset {dataset.name!r} has no test split; recommend refits every candidate and saves the "
                         "chosen model through run_experiment, which scores one. Give the dataset a test split "
@@ -710,7 +847,7 @@ def _fit_candidate(plan: _Plan, i: int, k: int, seed: int, inner, held, cache, v
     t0 = time.perf_counter()
     method.fit(task)
     seconds = time.perf_counter() - t0
-    pred, y = _predict(method, plan.backbones[bi], cache, view, held)
+    pred, y = _predict(method, plan.backbones[bi], cache, view, held, plan.metric in SCORE_METRICS)
     return pred, y, seconds
 
 
@@ -887,7 +1024,9 @@ def refit_and_test(plan: _Plan, nested: _Nested, evidence: _Evidence, out: Path,
             bar.update(1)
             continue
         final.fit_seconds.setdefault((k, (bi, m)), []).append(res.row["fit_seconds"])
-        final.predictions[(k, s, (bi, m))] = (res.labels.cpu().numpy(), res.logits.argmax(-1).cpu().numpy())
+        scores = plan.metric in SCORE_METRICS   # multi-label: targets [N, L] and per-finding scores [N, L]
+        final.predictions[(k, s, (bi, m))] = (res.labels.cpu().numpy(), res.logits.double().cpu().numpy() if scores
+                                              else res.logits.argmax(-1).cpu().numpy())
         if save:
             final.model_dir, final.chosen_run = res.model_dir, res
         bar.update(1)
@@ -938,6 +1077,7 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
     chosen_row = table[(table["shots"] == target) & table["chosen"]].iloc[0]
     n_pool = int(np.mean([len(sp.train_ids) + len(sp.val_ids) for (k, _), sp in plan.splits.items() if k == target]))
     design = {"rule": plan.rule, "choice_by_rule": evidence.choice_by_rule, "seeds": plan.seeds,
+              "per": "finding" if plan.metric in SCORE_METRICS else "class",
               "resplits": plan.resplits, "holdout": plan.holdout, "n_boot": plan.n_boot,
               "boot_seed": plan.boot_seed, "n_classes": plan.dataset.n_classes, "labelled_images": n_pool,
               "held_out_images": int(np.mean([len(y) for y, _ in nested.groups[target]])),
@@ -1008,7 +1148,9 @@ def summary_text(rec: Recommendation) -> str:
                      f"({100 * chosen['selection_score']:.1f}%)",
            "p_best": f"the held-out estimate's bootstrap probability of being the best "
                      f"(P = {chosen['selection_score']:.2f})"}[rule]
-    parts = [f"With {rec.shots} image{'s' if rec.shots != 1 else ''} per class of {rec.dataset}, {rec.method} on "
+    per = rec.design.get("per", "class")   # "finding" on a multi-label dataset: K positives per finding
+    parts = [f"With {rec.shots} {'positive ' if per == 'finding' else ''}image{'s' if rec.shots != 1 else ''} per "
+             f"{per} of {rec.dataset}, {rec.method} on "
              f"{rec.backbone} is the best choice by {how}; held-out {name} {100 * rec.estimate:.1f}% "
              f"({conf}% CI {100 * rec.ci_low:.1f}–{100 * rec.ci_high:.1f}), from {rec.design['groups_label']} of the "
              f"~{rec.design['labelled_images']} labelled images (support + validation; the test split was not used "

@@ -56,14 +56,17 @@ def pool_samples(dataset, shots, seeds, split_dir) -> list:
     The splits are drawn here (and saved in ``split_dir``), so the cells reuse the same files. A
     (K, seed) whose split cannot be drawn is left out: its cells meet the same error and record it.
     """
+    from ..data.multilabel import is_multi_label, sample_multilabel_few_shot
     from ..data.sampling import sample_few_shot
     from ..errors import DataError
 
+    # a multi-label dataset's cells draw the greedy K-positives split (the same files run_experiment reads)
+    sample = sample_multilabel_few_shot if is_multi_label(dataset) else sample_few_shot
     wanted = {s.id for s in dataset.splits.get("test", [])}
     for k in shots:
         for seed in seeds:
             try:
-                split = sample_few_shot(dataset, k, seed, split_dir=split_dir)
+                split = sample(dataset, k, seed, split_dir=split_dir)
             except (DataError, ConfigError):
                 continue
             wanted.update(split.train_ids)
@@ -80,6 +83,48 @@ def _pool(cache, dataset, settings: dict):
         samples = pool_samples(dataset, settings["shots"], settings["seeds"], Path(settings["output_dir"]) / "splits")
         _STATE[key] = cache.pool(dataset, samples)
     return _STATE[key]
+
+
+def dataset_kind(dataset) -> str:
+    """The task kind of a loaded dataset (:mod:`workbench.task_kinds`): its ``task``, single-label if none."""
+    from ..task_kinds import task_kind
+
+    return task_kind(getattr(dataset, "task", None) or "single_label").name
+
+
+def check_task_kinds(spec: SweepSpec, load_errors: dict | None = None) -> dict:
+    """Before any encoding: every method of the spec against the task kind of every dataset
+    (:func:`~workbench.methods.registry.check_method_task`); returns {dataset: kind}.
+
+    Loads the datasets (kept for the cells); one that cannot be loaded goes into ``load_errors``
+    (its cells are recorded as failures by the driver). A method that does not support a dataset's
+    kind is a ConfigError naming each such (dataset, method) pair and the methods that support the
+    kind: a multi-label set needs multi-label methods, a pair set the retrieval ones.
+    """
+    from ..methods.registry import check_method_task
+
+    load_errors = {} if load_errors is None else load_errors
+    kinds, problems = {}, []
+    for d in spec.datasets:
+        if d in load_errors:
+            continue
+        try:
+            dataset = _dataset(d)
+        except Exception as err:
+            load_errors[d] = f"{type(err).__name__}: dataset could not be loaded: {err}"
+            continue
+        kinds[d] = dataset_kind(dataset)
+        for m in dict.fromkeys(m["name"] for m in spec.methods):
+            if kinds[d] == "retrieval" and m == "zero_shot":
+                continue   # the backbone as it is: scored on the pairs' retrieval
+            try:
+                check_method_task(m, kinds[d])
+            except ConfigError as err:
+                problems.append(f"dataset {d!r} ({kinds[d]}): {err}")
+    if problems:
+        raise ConfigError("sweep: some methods cannot run on some datasets' task kind (nothing was encoded); give "
+                          "each kind its own sweep, or drop these methods:\n  " + "\n  ".join(problems))
+    return kinds
 
 
 def encode_pools(spec: SweepSpec, settings: dict, load_errors: dict | None = None) -> dict:
