@@ -569,3 +569,115 @@ def test_recommend_on_a_multi_label_set_ranks_on_macro_auroc(backbone, rec_mosai
     model = wb.load(rec.model_dir)
     out = model.predict([rec_mosaic.load_image(rec_mosaic.split("test")[0])])
     assert list(out.columns[2:]) == rec_mosaic.class_names
+
+
+# -- unlabeled pools: transductive candidates in their own group, honest cross-validation ---------------
+
+class _PoolSpy(Method):
+    """Zero-shot logits; records what it was given as unlabeled images at fit and the batches it predicts."""
+    Config = NoConfig
+    uses_unlabeled = "pool"
+    log: list = []
+
+    def fit(self, task):
+        self.class_names = task.class_names
+        self.w = task.text_classifier().float()
+        pool = task.unlabeled_features()
+        self.transductive = pool is None
+        _PoolSpy.log.append(("fit", None if pool is None else pool.clone(), task.unlabeled_source))
+        return self
+
+    def predict_logits(self, features):
+        _PoolSpy.log.append(("predict", features.clone(), None))
+        return 30 * features.float() @ self.w.T
+
+    def state(self):
+        return {"w": self.w}
+
+    def load_state(self, state):
+        self.w = state["w"]
+
+
+@pytest.fixture
+def pool_spy():
+    registry.register("test_rec_pool_spy")(_PoolSpy)
+    _PoolSpy.log = []
+    yield "test_rec_pool_spy"
+    registry._CLASSES.pop("test_rec_pool_spy", None)
+    registry._ENTRIES.pop("test_rec_pool_spy", None)
+
+
+def _ids_of(rows, feats):
+    """The image ids whose features are the rows given (exact match of the cached features)."""
+    index = {tuple(np.round(f.numpy(), 5)): i for f, i in zip(feats.x, feats.ids)}
+    return [index[tuple(np.round(r.numpy(), 5))] for r in rows]
+
+
+def test_a_transductive_candidate_gets_the_held_out_fold_as_its_pool_and_its_own_group(backbone, shapes4,
+                                                                                         pool_spy, tmp_path, quiet):
+    from workbench.data.sampling import sample_few_shot
+
+    rec = recommend(shapes4, backbone, ["zero_shot", pool_spy], shots=4, seeds=[1], budget="minutes", resplits=3,
+                    n_boot=200, out_dir=tmp_path, unlabeled="test")
+    assert not rec.failed
+    everything = wb.FeatureCache(backbone, None, show_progress=False).get(
+        shapes4, shapes4.split("train") + shapes4.split("val") + shapes4.split("test"))
+    split = sample_few_shot(shapes4, 4, 1)
+    folds = [resplit(shapes4, split, r, 1 / 3) for r in range(3)]
+    nested = _PoolSpy.log[:2 * len(folds)]           # phase 1: (fit, predict) per re-split
+    for (inner, held), (fit, predict) in zip(folds, zip(nested[::2], nested[1::2])):
+        assert fit[0] == "fit" and fit[1] is None and fit[2] == "test"   # no pool at fit: the batch is the pool
+        seen = _ids_of(predict[1], everything)
+        assert sorted(seen) == sorted(s.id for s in held)                # exactly the held-out fold ...
+        assert not set(seen) & set(inner.train_ids + inner.val_ids)     # ... never its support
+    test_ids = {s.id for s in shapes4.split("test")}
+    assert not test_ids & {i for _, rows, _ in nested[1::2] for i in _ids_of(rows, everything)}
+    # phase 2: the refit is transductive on the test split, as the cross-validation was on its folds
+    assert _PoolSpy.log[2 * len(folds)][2] == "test"
+    at_k = rec.table.set_index("method")
+    assert at_k.loc[pool_spy, "setting"] == "transductive" and at_k.loc["zero_shot", "setting"] == "inductive"
+    assert rec.method == "zero_shot" and at_k.loc[pool_spy, "group_best"] and at_k.loc[pool_spy, "rank"] == 1
+    assert rec.other_group["method"] == pool_spy and "best transductive candidate" in rec.summary
+    ranking = rec.ranking()
+    assert list(ranking["setting"]) == ["inductive", "transductive"]
+    assert ranking["method"].iloc[1] == f"{pool_spy} [transductive]" and ranking["vs chosen"].iloc[1] == \
+        "best transductive"
+
+
+def test_a_separate_pool_is_the_same_in_every_fold_and_never_holds_a_labelled_image(backbone, shapes4, pool_spy,
+                                                                                       tmp_path, quiet):
+    from workbench.data.sampling import sample_few_shot
+
+    rec = recommend(shapes4, backbone, ["zero_shot", pool_spy], shots=4, seeds=[1], budget="minutes", resplits=2,
+                    n_boot=200, out_dir=tmp_path, unlabeled="train")
+    everything = wb.FeatureCache(backbone, None, show_progress=False).get(shapes4, shapes4.split("train"))
+    split = sample_few_shot(shapes4, 4, 1)
+    labelled = set(split.train_ids + split.val_ids)
+    fits = [entry for entry in _PoolSpy.log if entry[0] == "fit"]
+    assert len(fits) == 3 and all(f[2] == "split:train" for f in fits)   # 2 re-splits + the refit
+    pools = [sorted(_ids_of(f[1], everything)) for f in fits]
+    assert pools[0] == pools[1] == pools[2]
+    assert set(pools[0]) == {s.id for s in shapes4.split("train")} - labelled
+    assert set(rec.table["setting"]) == {"inductive"} and "setting" not in rec.ranking().columns
+
+
+# -- a backbone fine-tuned on image–text pairs as one more candidate (issue 25) ------------------------
+
+def test_a_saved_pairs_fine_tune_is_one_more_backbone_candidate(backbone, shapes4, tmp_path, quiet):
+    from workbench.methods.pairs.contrastive import fine_tune_pairs
+
+    pairs = wb.load_pairs("whu_rs19_pairs")
+    folder = fine_tune_pairs(pairs, backbone, "pairs_lora", steps=2, batch_size=8, lr=1e-2).save(tmp_path / "ft")
+    rec = recommend(shapes4, [backbone, str(folder)], ["zero_shot", "linear_probe"], shots=2, seeds=[1],
+                    budget="seconds", resplits=2, n_boot=200, out_dir=tmp_path / "rec")
+    tuned = f"workbench-tiny (pairs_lora: {folder})"
+    assert set(rec.table["backbone"]) == {"workbench-tiny", tuned} and len(rec.table) == 4
+    assert rec.pairwise.shape == (4, 4) and not rec.failed
+    # the candidate is the fine-tuned encoder, not the base one again
+    images = shapes4.split("test")[:4]
+    base = wb.FeatureCache(backbone, None, show_progress=False).get(shapes4, images).x
+    adapted = wb.FeatureCache(wb.load_backbone(str(folder), device="cpu"), None, show_progress=False).get(
+        shapes4, images).x
+    assert not torch.allclose(base, adapted, atol=1e-6)
+    model = wb.load(rec.model_dir)          # the chosen pair's saved model loads, whichever backbone won
+    assert len(model.predict([img for img, _ in wb.report.sample_images(shapes4, "test", n=2)])) == 2

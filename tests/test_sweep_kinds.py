@@ -57,3 +57,81 @@ def test_a_method_of_another_kind_is_refused_before_any_encoding(mosaic_yaml, tm
                                           r"multi_label.*'ovr_linear_probe'"):
         sweep({"datasets": [mosaic_yaml], "methods": ["chexzero", "linear_probe"], "shots": [1], "seeds": [1],
                "output_dir": str(tmp_path / "s")}, show_progress=False)
+
+
+def test_a_sweep_with_an_unlabeled_pool_keys_and_flags_the_methods_that_use_it(tmp_path, quiet):
+    from workbench.sweep import SweepSpec, cells
+
+    base = {"datasets": ["whu_rs19_mini"], "methods": ["zero_shot", "transclip"], "shots": [1], "seeds": [1],
+            "output_dir": str(tmp_path / "s")}
+    first = sweep({**base, "unlabeled": "test"}, show_progress=False)
+    assert (first.done, first.failed) == (2, 0)
+    table = first.table.set_index("method")
+    assert table.loc["transclip", "transductive"] and table.loc["transclip", "unlabeled_source"] == "test"
+    assert not table.loc["zero_shot", "transductive"] and table.loc["zero_shot", "unlabeled_source"] == ""
+    # the pool is part of the key of the methods that use it only
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = {c["method"]: c["cell_id"] for c in cells(SweepSpec(**base))}
+    keyed = {c["method"]: c for c in cells(SweepSpec(**base, unlabeled="test"))}
+    assert keyed["zero_shot"]["cell_id"] == plain["zero_shot"] and "unlabeled" not in keyed["zero_shot"]
+    assert keyed["transclip"]["unlabeled"] == "test"
+    # the same keys as compare() gives the same runs: the two share one table
+    assert keyed["transclip"]["cell_id"] == plain["transclip"]   # no pool named: "test", as compare defaults
+    second = sweep({**base, "unlabeled": "train"}, show_progress=False)
+    assert (second.done, second.skipped) == (1, 1)               # only transclip, with its new pool, runs
+    rows = second.table[second.table["method"] == "transclip"].set_index("unlabeled_source")
+    assert set(rows.index) == {"test", "split:train"} and not rows.loc["split:train", "transductive"]
+    s = wb.summarize(second.table)
+    assert "transclip [transductive]" in set(s["method"]) and "transclip" in set(s["method"])
+
+
+def test_unlabeled_test_under_the_paper_protocol_is_refused_in_the_spec(tmp_path):
+    base = {"datasets": ["pneumoniamnist_mini"], "methods": ["zero_shot", "transclip"], "shots": [1], "seeds": [1],
+            "output_dir": str(tmp_path / "s"), "protocol": "paper"}
+    with pytest.raises(ConfigError, match="protocol='paper'"):
+        sweep({**base, "unlabeled": "test"}, show_progress=False)
+    with pytest.raises(ConfigError, match="protocol='paper'"):   # transclip would fall back to "test"
+        sweep(base, show_progress=False)
+    with pytest.raises(ConfigError, match="'tda'.*takes unlabeled='test'"):
+        sweep({**base, "protocol": "default", "methods": ["tda"], "unlabeled": "train"}, show_progress=False)
+    with pytest.raises(ConfigError, match="'unlabeled' .*does not exist"):
+        sweep({**base, "protocol": "default", "unlabeled": "no/such/folder"}, show_progress=False)
+
+
+def test_a_pair_dataset_in_a_sweep_adds_retrieval_rows_to_the_same_table(tmp_path, quiet):
+    out = tmp_path / "s"
+    summary = sweep({"datasets": ["whu_rs19_mini", "whu_rs19_pairs"], "methods": ["zero_shot"], "shots": [1, 2],
+                     "seeds": [1], "output_dir": str(out)}, show_progress=False)
+    assert (summary.done, summary.failed) == (3, 0)        # K=1, K=2 on the classes; one retrieval cell
+    table = pd.read_csv(out / "results.csv")
+    retrieval = table[table["protocol"] == "retrieval"].iloc[0]
+    assert retrieval["dataset"] == "whu_rs19_pairs" and retrieval["metric"] == "mean_recall"
+    assert 0 <= retrieval["mean_recall"] <= 1 and retrieval["n_captions"] > 0 and retrieval["shots"] == 0
+    for col in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"):
+        assert 0 <= retrieval[col] <= 1
+    direct = wb.compare(wb.load_pairs("whu_rs19_pairs"), wb.load_backbone(device="cpu"), ["zero_shot"], [1], [1],
+                        protocol="retrieval")
+    assert retrieval["mean_recall"] == pytest.approx(direct["mean_recall"].iloc[0])
+    classification = table[table["protocol"] != "retrieval"]
+    assert set(classification["metric"]) == {"accuracy"} and classification["mean_recall"].isna().all()
+    s = wb.summarize(table).set_index("dataset")
+    assert s.loc["whu_rs19_pairs", "metric"] == "mean_recall" and set(s.loc["whu_rs19_mini", "metric"]) == {"accuracy"}
+    again = sweep({"datasets": ["whu_rs19_mini", "whu_rs19_pairs"], "methods": ["zero_shot"], "shots": [1, 2],
+                   "seeds": [1], "output_dir": str(out)}, show_progress=False)
+    assert (again.done, again.skipped) == (0, 3)
+
+
+def test_a_retrieval_sweep_fine_tunes_a_pairs_method_and_refuses_classification_only_methods(tmp_path, quiet):
+    summary = sweep({"datasets": ["whu_rs19_pairs"], "protocol": "retrieval", "shots": [1], "seeds": [1],
+                     "methods": [{"name": "pairs_lora", "params": {"steps": 1, "batch_size": 8, "lr": 1e-2}}],
+                     "output_dir": str(tmp_path / "s")}, show_progress=False)
+    assert (summary.done, summary.failed) == (1, 0)
+    row = summary.table.iloc[0]
+    assert row["method"] == "pairs_lora" and row["protocol"] == "retrieval" and row["fit_seconds"] > 0
+    with pytest.raises(ConfigError, match=r"'linear_probe' does not support retrieval.*pairs_lora"):
+        sweep({"datasets": ["whu_rs19_pairs"], "methods": ["linear_probe"], "shots": [1], "seeds": [1],
+               "output_dir": str(tmp_path / "t")}, show_progress=False)
+    with pytest.raises(ConfigError, match="protocol 'retrieval' needs an image–text pair dataset"):
+        sweep({"datasets": ["whu_rs19_mini"], "protocol": "retrieval", "methods": ["zero_shot"], "shots": [1],
+               "seeds": [1], "output_dir": str(tmp_path / "u")}, show_progress=False)

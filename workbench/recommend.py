@@ -536,6 +536,9 @@ class Recommendation:
     cost_source: str = "registry cost column (per device); measured fit seconds reported"
     design: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)   # candidate -> the error of its failed fit (left out of the choice)
+    #: the best candidate of the other group (``setting`` "transductive" when the choice is inductive), or {}:
+    #: transductive candidates are ranked among themselves, never mixed with the inductive ones
+    other_group: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         saved = f"; saved in {self.model_dir}" if self.model_dir else ""
@@ -548,24 +551,40 @@ class Recommendation:
         """Candidates at K = ``shots``, best held-out estimate first, with significance marks.
 
         ``vs chosen``: ``**`` the chosen candidate beats it with paired-bootstrap probability
-        ≥ 0.99, ``*`` ≥ 0.95, ``n.s.`` below (statistically tied with the choice).
+        ≥ 0.99, ``*`` ≥ 0.95, ``n.s.`` below (statistically tied with the choice). With
+        transductive candidates (``recommend(unlabeled=...)``), a ``setting`` column says which
+        group each row is in: the other group comes after the chosen one's, ranked and compared
+        within itself (its best marked ``best transductive``), and its methods carry
+        `` [transductive]``.
         """
-        at_k = self.table[self.table["shots"] == self.shots].sort_values(["rank", "chosen"], ascending=[True, False])
+        at_k = self.table[self.table["shots"] == self.shots]
+        if "setting" not in at_k:
+            at_k = at_k.assign(setting="inductive")
+        main = self.design.get("setting", "inductive")
+        at_k = at_k.assign(_main=at_k["setting"] == main).sort_values(["_main", "rank", "chosen"],
+                                                                     ascending=[False, True, False])
         pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
         errors = at_k["error"] if "error" in at_k else pd.Series("", index=at_k.index)
         failed = [bool(e) and np.isnan(v) for e, v in zip(errors, at_k["estimate"])]  # left out of the choice
+        from .unlabeled import TRANSDUCTIVE_MARK
+
         out = pd.DataFrame({
-            "rank": at_k["rank"].astype(int), "backbone": at_k["backbone"], "method": at_k["method"],
+            "rank": at_k["rank"].astype(int), "backbone": at_k["backbone"],
+            "method": [m + (TRANSDUCTIVE_MARK if g == "transductive" else "") for m, g in zip(at_k["method"],
+                                                                                            at_k["setting"])],
             f"held-out {self.metric} (%)": [f"failed: {err}" if f else f"{pct(e)} [{pct(lo)}, {pct(hi)}]"
                                             for e, lo, hi, f, err in zip(at_k["estimate"], at_k["ci_low"],
                                                                          at_k["ci_high"], failed, errors)],
             "P(chosen beats)": at_k["p_chosen_beats"].round(3),
-            "vs chosen": ["failed" if f else _mark(p, chosen)
-                          for p, chosen, f in zip(at_k["p_chosen_beats"], at_k["chosen"], failed)],
+            "vs chosen": ["failed" if f else f"best {g}" if (lead and not chosen) else _mark(p, chosen)
+                          for p, chosen, f, g, lead in zip(at_k["p_chosen_beats"], at_k["chosen"], failed,
+                                                           at_k["setting"], at_k.get("group_best", at_k["chosen"]))],
             "fit s": at_k["fit_seconds"].round(2),
             f"test {self.metric} (%)": [f"{pct(t)} [{pct(lo)}, {pct(hi)}]" if not np.isnan(t) else "—"
                                         for t, lo, hi in zip(at_k["test"], at_k["test_ci_low"], at_k["test_ci_high"])],
         })
+        if (at_k["setting"] == "transductive").any():   # two groups: say which row is in which
+            out.insert(1, "setting", at_k["setting"].to_numpy())
         return out.reset_index(drop=True)
 
     def plot(self, ax=None, which: str = "estimate"):
@@ -633,6 +652,11 @@ def _as_list(value, name: str) -> list:
 
 
 def _label(backbone) -> str:
+    """How the ranking names a backbone: ``name (pretrained)``; a saved backbone folder (e.g. contrastive
+    fine-tuning on pairs, ``wb.load_backbone(folder)``) says how it was adapted and where it lies."""
+    source = getattr(backbone, "source", None) or {}
+    if source.get("kind") == "saved-backbone":
+        return f"{backbone.name} ({source.get('adapted_by') or 'adapted'}: {source.get('folder')})"
     return f"{backbone.name} ({backbone.pretrained})" if backbone.pretrained else backbone.name
 
 
@@ -707,6 +731,10 @@ class _Plan:
     method_params: dict
     templates: list | None
     split_dir: Any
+    #: method -> the unlabeled images it is given (None: an inductive method; "test": transductive; else a pool)
+    unlabeled: dict = field(default_factory=dict)
+    #: the methods whose prediction for an image depends on the other images predicted (their own group)
+    transductive: set = field(default_factory=set)
 
     @property
     def target(self) -> int:
@@ -715,6 +743,10 @@ class _Plan:
     def name(self, i: int) -> str:
         bi, m = self.pairs[i]
         return f"{m} · {self.labels[bi]}"
+
+    def setting(self, i: int) -> str:
+        """``"transductive"`` or ``"inductive"``: the group candidate ``i`` is ranked in."""
+        return "transductive" if self.pairs[i][1] in self.transductive else "inductive"
 
 
 def _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence) -> dict:
@@ -760,8 +792,33 @@ def _draw_splits(dataset, shots, seeds, resplits: int, holdout: float, split_dir
     return splits, designs
 
 
+def unlabeled_plan(unlabeled, methods: Sequence[str]) -> tuple[dict, set]:
+    """``({method: the unlabeled images it gets}, {transductive methods})`` for ``recommend(unlabeled=...)``.
+
+    A method that uses no unlabeled image gets None. One that does gets ``unlabeled`` or, when none
+    is given, ``"test"`` (with the warning of :func:`workbench.unlabeled.default_unlabeled`). It is
+    transductive — ranked in its own group — when its prediction for an image depends on the other
+    images predicted: a stream method (TDA) always, a pool method (TransCLIP) on ``"test"``; a pool
+    method given a separate pool (a folder, CSV, npz or split) predicts each image from that fixed
+    pool, inductively.
+    """
+    from .methods.registry import method_class
+    from .unlabeled import check_unlabeled, default_unlabeled
+
+    check_unlabeled(unlabeled, "default", "recommend")
+    given, transductive = {}, set()
+    for m in methods:
+        cls = method_class(m)
+        check_unlabeled(unlabeled, "default", "recommend", method=cls)
+        uses = getattr(cls, "uses_unlabeled", None)
+        given[m] = default_unlabeled(unlabeled, cls, "recommend") if uses else None
+        if uses == "stream" or (uses and str(given[m]) == "test"):
+            transductive.add(m)
+    return given, transductive
+
+
 def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_params, resplits, holdout, n_boot,
-          confidence, boot_seed, split_dir, cache_dir, templates, device, rule) -> _Plan:
+          confidence, boot_seed, split_dir, cache_dir, templates, device, rule, unlabeled=None) -> _Plan:
     """Check every argument, list the candidates, draw the splits and load the backbones — in the order
     that refuses bad input before any image is encoded."""
     from .backbones import Backbone, load_backbone, resolve_device
@@ -785,6 +842,7 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
         raise ConfigError(f"method_params names {unknown}, which are not among the methods {candidates}.")
     for m in candidates:   # types and bounds of every method's parameters
         get_method(m, **((method_params or {}).get(m) or {}))
+    given, transductive = unlabeled_plan(unlabeled, candidates)
     metric = metric or getattr(dataset, "metric", None) or kind.primary_metric
     allowed = SCORE_METRICS if kind.name == "multi_label" else LABEL_METRICS
     if metric not in allowed:
@@ -812,7 +870,7 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
                  caches=caches, pairs=candidate_pairs(len(loaded), candidates),
                  settings={m: run_settings(dataset, m, (method_params or {}).get(m)) for m in candidates},
                  splits=splits, designs=designs, method_params=dict(method_params or {}), templates=templates,
-                 split_dir=split_dir, **args)
+                 split_dir=split_dir, unlabeled=given, transductive=transductive, **args)
 
 
 # -- phase 1: nested selection on the labelled pool only ------------------------------------------
@@ -829,19 +887,33 @@ class _Nested:
     failed: dict                   # candidate index -> "Error: message" of its first failed fit
     notes: list                    # warnings raised while fitting, once each
     seconds: float
+    #: (backbone index, K, seed, source) -> the separate unlabeled pool (labelled images removed), as in the refit
+    pools: dict = field(default_factory=dict)
 
 
-def _fit_candidate(plan: _Plan, i: int, k: int, seed: int, inner, held, cache, view) -> tuple:
-    """Fit candidate ``i`` on a re-split's inner split; returns (held-out predictions, truth, fit seconds)."""
+def _fit_candidate(plan: _Plan, i: int, k: int, seed: int, inner, held, cache, view, pool=None) -> tuple:
+    """Fit candidate ``i`` on a re-split's inner split; returns (held-out predictions, truth, fit seconds).
+
+    A transductive candidate gets the held-out fold as its unlabeled pool: as with ``unlabeled="test"``
+    in the refit, it is given no pool at fit time and predicts the held-out images together, so its
+    prediction for one uses the others — exactly what the test split will give it, and nothing more
+    (never the support, never a test image). A candidate with a separate pool gets ``pool`` (that pool
+    with every labelled image of the K-shot split removed, the same as in the refit).
+    """
     import torch
 
     from .methods import get_method
     from .task import FewShotTask
+    from .unlabeled import UnlabeledPool
 
     bi, m = plan.pairs[i]
     dataset = plan.dataset
     tmpl = list(plan.templates or plan.settings[m].templates or dataset.templates or ["a photo of a {}."])
-    task = FewShotTask(dataset, inner, plan.backbones[bi], cache, templates=tmpl)
+    if m in plan.transductive:
+        pool = UnlabeledPool("test")   # the images predicted: here the held-out fold
+    elif plan.unlabeled.get(m) is None:
+        pool = None
+    task = FewShotTask(dataset, inner, plan.backbones[bi], cache, templates=tmpl, unlabeled=pool)
     method = get_method(m, **(plan.settings[m].params or {}))
     torch.manual_seed(seed)   # as run_experiment does: the same seed for every candidate
     t0 = time.perf_counter()
@@ -875,6 +947,14 @@ def nested_selection(plan: _Plan) -> _Nested:
             pool = split.train(plan.dataset) + split.val(plan.dataset)
             for bi in range(len(plan.backbones)):
                 out.pooled[(bi, k, s)] = PooledCache(plan.caches[bi], view, pool)
+                for source in {str(v) for m, v in plan.unlabeled.items()
+                               if v is not None and m not in plan.transductive}:
+                    from .unlabeled import resolve_unlabeled
+
+                    # a separate pool, less every labelled image of this K-shot split: the refit's pool
+                    out.pools[(bi, k, s, source)] = resolve_unlabeled(
+                        next(v for v in plan.unlabeled.values() if str(v) == source), plan.dataset, split,
+                        plan.caches[bi])
             for r, inner, held in parts:
                 preds, truth = {}, None
                 for i, (bi, m) in enumerate(plan.pairs):
@@ -882,7 +962,9 @@ def nested_selection(plan: _Plan) -> _Nested:
                     if i in out.failed:
                         continue
                     try:
-                        pred, y, seconds = _fit_candidate(plan, i, k, s, inner, held, out.pooled[(bi, k, s)], view)
+                        given = plan.unlabeled.get(m)
+                        pred, y, seconds = _fit_candidate(plan, i, k, s, inner, held, out.pooled[(bi, k, s)], view,
+                                                          out.pools.get((bi, k, s, str(given))))
                     except NonFiniteFeatures:
                         raise
                     except Exception as err:  # this candidate is out; the others go on
@@ -923,6 +1005,7 @@ class _Evidence:
     choice_by_rule: dict           # rule -> chosen candidate's name
     best: int                      # the chosen candidate's index
     pairwise: pd.DataFrame
+    leaders: dict = field(default_factory=dict)   # setting ("inductive" / "transductive") -> its best candidate
 
 
 def _held_out_groups(nested: _Nested, k: int, alive: list) -> list:
@@ -932,7 +1015,12 @@ def _held_out_groups(nested: _Nested, k: int, alive: list) -> list:
 
 def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
     """The bootstrap per K, every rule's selection scores, the choice at the largest K, each
-    candidate's rank and P(chosen beats it); failed candidates are listed last, unscored."""
+    candidate's rank and P(chosen beats it); failed candidates are listed last, unscored.
+
+    Transductive candidates (:func:`unlabeled_plan`) are their own group (``setting``): ranked among
+    themselves, compared with their group's best, and chosen only when no inductive candidate was
+    scored; the best of each group is kept (``leaders``). Their estimates are honest — each held-out
+    fold was its own unlabeled pool — but they assume a batch of images to predict together."""
     alive = [i for i in range(len(plan.pairs)) if i not in nested.failed]
     names = [plan.name(i) for i in range(len(plan.pairs))]
     rows, boots, by_rule = [], {}, {}
@@ -947,6 +1035,7 @@ def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
             j = alive.index(i) if i in alive else None
             seconds = nested.fit_seconds[(k, (bi, m))]
             rows.append({"backbone": plan.labels[bi], "method": m, "candidate": names[i], "shots": k,
+                         "setting": plan.setting(i),
                          "estimate": point[j] if j is not None else np.nan,
                          "ci_low": low[j] if j is not None else np.nan,
                          "ci_high": high[j] if j is not None else np.nan,
@@ -956,21 +1045,32 @@ def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
     table = pd.DataFrame(rows)
     target = plan.target
     tiers = [BUDGETS.index(cost_tier(plan.pairs[i][1], plan.device_type)) for i in alive]
-    choice_by_rule = {r_: names[alive[choose(by_rule[target][r_], boots[target][0], tiers, alive)]] for r_ in RULES}
+    setting_of = [plan.setting(i) for i in alive]
+    main = "inductive" if "inductive" in setting_of else "transductive"
+
+    def pick(scores, setting: str) -> int:   # the best of one group (the others masked out)
+        masked = np.where([g == setting for g in setting_of], np.asarray(scores, dtype=float), -np.inf)
+        return alive[choose(masked, boots[target][0], tiers, alive)]
+
+    choice_by_rule = {r_: names[pick(by_rule[target][r_], main)] for r_ in RULES}
     best = names.index(choice_by_rule[plan.rule])
-    best_j = alive.index(best)
+    leaders = {g: (best if g == main else pick(by_rule[target][plan.rule], g)) for g in dict.fromkeys(setting_of)}
     scored = table["error"] == ""
-    for k in plan.shots:   # per K: the rank and P(chosen pair beats each) on that K's replicates
+    for k in plan.shots:   # per K and group: the rank and P(group's best beats each) on that K's replicates
         reps = boots[k][1]
-        sel = (table["shots"] == k) & scored
-        table.loc[sel, "rank"] = table.loc[sel, "estimate"].rank(ascending=False, method="min").astype(int)
-        table.loc[sel, "p_chosen_beats"] = [p_beats(reps, best_j, alive.index(i)) if i != best else np.nan
-                                            for i in table.loc[sel, "_i"]]
+        for g, lead in leaders.items():
+            sel = (table["shots"] == k) & scored & (table["setting"] == g)
+            table.loc[sel, "rank"] = table.loc[sel, "estimate"].rank(ascending=False, method="min").astype(int)
+            table.loc[sel, "p_chosen_beats"] = [p_beats(reps, alive.index(lead), alive.index(i)) if i != lead
+                                                else np.nan for i in table.loc[sel, "_i"]]
     table.loc[~scored, "rank"] = len(alive) + 1   # failed: after every scored candidate
     table.loc[~scored, "p_chosen_beats"] = np.nan
     table["chosen"] = (table["_i"] == best)
+    table["group_best"] = table["_i"].isin(list(leaders.values()))
     reps = boots[target][1]
-    alive_names = [names[i] for i in alive]
+    from .unlabeled import TRANSDUCTIVE_MARK
+
+    alive_names = [names[i] + (TRANSDUCTIVE_MARK if plan.setting(i) == "transductive" else "") for i in alive]
     pairwise = pd.DataFrame([[p_beats(reps, a, b) if a != b else np.nan for b in range(len(alive))]
                              for a in range(len(alive))], index=alive_names, columns=alive_names)
     for m in plan.methods:   # the registry's estimate checked against what was measured here
@@ -979,7 +1079,7 @@ def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
             warnings.warn(f"recommend: {m!r} took {seconds:.0f} s per fit here, more than the budget {plan.budget!r} "
                           "allows (the registry's estimate was lower on this machine).", stacklevel=3)
     return _Evidence(table=table, alive=alive, boots=boots, choice_by_rule=choice_by_rule, best=best,
-                     pairwise=pairwise)
+                     pairwise=pairwise, leaders=leaders)
 
 
 # -- phase 2: refit on the full K-shot split, score the test split once ------------------------------
@@ -1014,7 +1114,8 @@ def refit_and_test(plan: _Plan, nested: _Nested, evidence: _Evidence, out: Path,
         try:
             res = run_experiment(plan.dataset, plan.backbones[bi], m, k, s, cache=nested.pooled[(bi, k, s)],
                                  templates=plan.templates, method_params=plan.method_params.get(m),
-                                 split_dir=plan.split_dir, out_dir=out, save_model=save)
+                                 split_dir=plan.split_dir, out_dir=out, save_model=save,
+                                 unlabeled=plan.unlabeled.get(m))
         except Exception as err:
             if (bi, m) == best:
                 raise
@@ -1066,8 +1167,11 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
     table["fit_seconds"] = [float(np.mean(final.fit_seconds[(k, plan.pairs[i])]))
                             if (k, plan.pairs[i]) in final.fit_seconds else np.nan
                             for k, i in zip(table["shots"], table["_i"])]
-    table = table.drop(columns=["_i"]).sort_values(["shots", "rank", "chosen", "candidate"],
-                                                   ascending=[True, True, False, True]).reset_index(drop=True)
+    main = plan.setting(evidence.best)
+    table["_main"] = table["setting"] == main   # the chosen one's group first, then the other group
+    table = table.drop(columns=["_i"]).sort_values(["shots", "_main", "rank", "chosen", "candidate"],
+                                                   ascending=[True, False, True, False, True]
+                                                   ).drop(columns="_main").reset_index(drop=True)
     table["rank"] = table["rank"].astype(int)
     target = plan.target
     best_bi, best_m = plan.pairs[evidence.best]
@@ -1083,7 +1187,8 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
               "held_out_images": int(np.mean([len(y) for y, _ in nested.groups[target]])),
               "groups_label": f"{len(plan.seeds)} seed(s) × {plan.resplits} re-split(s) "
                               f"({folds_for(plan.holdout)}-fold)",
-              "notes": nested.notes,
+              "notes": nested.notes, "setting": main,
+              "unlabeled": {m: (None if v is None else str(v)) for m, v in plan.unlabeled.items() if v is not None},
               "out_dir": str(out), "selection_seconds": nested.seconds, "refit_test_seconds": final.seconds}
     result = Recommendation(
         dataset=plan.dataset.name, metric=plan.metric, shots=target, budget=plan.budget,
@@ -1092,6 +1197,13 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
         ci_high=float(chosen_row["ci_high"]), confidence=plan.confidence, table=table, pairwise=evidence.pairwise,
         model_dir=final.model_dir, summary="", excluded=plan.excluded, design=design,
         failed={plan.name(i): e for i, e in nested.failed.items()})
+    for g, lead in evidence.leaders.items():   # the other group's best, beside the choice, never mixed into it
+        if g != main:
+            row = table[(table["shots"] == target) & (table["candidate"] == plan.name(lead))].iloc[0]
+            result.other_group = {"setting": g, "candidate": row["candidate"], "method": row["method"],
+                                  "backbone": row["backbone"], "estimate": float(row["estimate"]),
+                                  "ci_low": float(row["ci_low"]), "ci_high": float(row["ci_high"]),
+                                  "test": float(row["test"]) if "test" in row else float("nan")}
     result.summary = summary_text(result)
     return result
 
@@ -1101,12 +1213,14 @@ def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: i
               method_params: dict | None = None, resplits: int = 3, holdout: float = 1 / 3, n_boot: int = 2000,
               confidence: float = 0.95, boot_seed: int = 0, out_dir=None, split_dir=None, cache_dir=None,
               templates: Sequence[str] | None = None, device: str = "auto", score_test: bool = True,
-              rule: str = "mean") -> Recommendation:
+              rule: str = "mean", unlabeled=None) -> Recommendation:
     """Recommend a (backbone, method) for ``dataset`` from its labelled K-shot data (see the module docstring).
 
     ``dataset``: a :class:`~workbench.data.Dataset` or anything ``wb.load_dataset`` takes.
     ``backbones``: one or several :class:`~workbench.backbones.Backbone` objects or names
-    (``"name"`` or ``("name", "pretrained")``). ``methods``: candidate names (default: every
+    (``"name"`` or ``("name", "pretrained")``), or saved backbone folders (what a ``pairs`` method's
+    ``save(folder)`` writes: "adapt the backbone on my captions, then few-shot classify") — each one
+    more candidate backbone. ``methods``: candidate names (default: every
     registered method whose expected cost fits ``budget``). ``shots``: one K or several (the
     choice is made at the largest; the others draw the curve). ``metric``: default the dataset's
     primary metric. ``out_dir``: where the runs' provenance and the chosen model go (default: a
@@ -1115,13 +1229,21 @@ def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: i
     :func:`selection_scores`); every rule's choice is also computed and kept in
     ``design["choice_by_rule"]`` (cheap: the fits are shared).
 
+    ``unlabeled`` (see :mod:`workbench.unlabeled`): the images nobody labelled, for the candidates that
+    use them (``transclip``, ``tda``; without it they run on ``"test"``, with a warning). Transductive
+    candidates (TDA; TransCLIP on ``"test"``) are ranked in their own group (``table["setting"]``,
+    ``Recommendation.other_group``, the summary), and in the cross-validation each is given the held-out
+    fold as its unlabeled pool, so its estimate is honest; a separate pool is resolved once per K-shot
+    split without its labelled images, as in the refit, which receives ``unlabeled=`` too.
+
     A candidate whose fit raises is named in a warning, left out of the choice and listed last
     in the ranking with its error (``table["error"]``, ``Recommendation.failed``); features that
     are NaN or inf stop with :class:`NonFiniteFeatures` naming the images.
     """
     plan = _plan(dataset, backbones, methods, shots, seeds, budget, metric, method_params=method_params,
                  resplits=resplits, holdout=holdout, n_boot=n_boot, confidence=confidence, boot_seed=boot_seed,
-                 split_dir=split_dir, cache_dir=cache_dir, templates=templates, device=device, rule=rule)
+                 split_dir=split_dir, cache_dir=cache_dir, templates=templates, device=device, rule=rule,
+                 unlabeled=unlabeled)
     nested = nested_selection(plan)                  # phase 1: support + validation only
     evidence = weigh_evidence(plan, nested)          # the choice is fixed here
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="workbench-recommend-"))
@@ -1155,7 +1277,12 @@ def summary_text(rec: Recommendation) -> str:
              f"({conf}% CI {100 * rec.ci_low:.1f}–{100 * rec.ci_high:.1f}), from {rec.design['groups_label']} of the "
              f"~{rec.design['labelled_images']} labelled images (support + validation; the test split was not used "
              "to choose)."]
-    others = at_k[~at_k["chosen"]]
+    if "setting" in at_k:   # the other group (transductive / inductive) is described on its own below
+        group = at_k[at_k["setting"] == chosen["setting"]]
+        other = at_k[(at_k["setting"] != chosen["setting"]) & at_k.get("group_best", False)]
+    else:
+        group, other = at_k, at_k.iloc[:0]
+    others = group[~group["chosen"]]
     tied = others[others["p_chosen_beats"] < SIGNIFICANT]
     worse = others[others["p_chosen_beats"] >= SIGNIFICANT]
 
@@ -1177,11 +1304,22 @@ def summary_text(rec: Recommendation) -> str:
                      f"{SIGNIFICANT}).")
     if len(worse) and len(tied):
         parts.append(f"{len(worse)} other candidate(s) are significantly worse.")
+    if chosen.get("setting") == "transductive":
+        parts.append("It is transductive: its prediction for an image depends on the other images predicted with it "
+                     "(in the cross-validation each held-out fold was its own unlabeled pool), so it needs a batch "
+                     "of images to predict, and no inductive candidate was scored.")
+    for _, r in other.iterrows():
+        what = ("transductive: its prediction for an image depends on the other images predicted with it; in the "
+                "cross-validation each held-out fold was its own unlabeled pool" if r["setting"] == "transductive"
+                else "inductive")
+        parts.append(f"Ranked in their own group ({what}), the best {r['setting']} candidate is {r['method']} on "
+                     f"{r['backbone']}: held-out {name} {100 * r['estimate']:.1f}% ({conf}% CI "
+                     f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}); it is not mixed into the ranking above.")
     if rec.failed:
         parts.append("Failed, so left out of the choice: " + "; ".join(f"{c} ({e})" for c, e in rec.failed.items())
                      + ".")
     if not np.isnan(chosen["test"]):
-        best_test = at_k.sort_values("test", ascending=False).iloc[0]
+        best_test = group.sort_values("test", ascending=False).iloc[0]
         parts.append(f"On the test split, scored once after the choice, it reaches {100 * chosen['test']:.1f}%"
                      + (" — the best of all candidates there." if best_test["candidate"] == chosen["candidate"] else
                         f"; the best candidate by test was {best_test['method']} on {best_test['backbone']} "
