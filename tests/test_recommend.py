@@ -404,11 +404,12 @@ def test_cli_recommend_prints_the_ranking_summary_and_model(tmp_path, capsys, mo
     from workbench.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["recommend", "--dataset", "leaf_disease_synthetic", "--methods", "zero_shot,linear_probe",
+    assert main(["recommend", "--dataset", "leaf_disease_synthetic", "--methods", "zero_shot,linear_probe,tda",
                  "--shots", "2", "--seeds", "1", "--resplits", "2", "--budget", "seconds", "--rule", "pooled",
-                 "--out", "rec"]) == 0
+                 "--unlabeled", "test", "--out", "rec"]) == 0
     out = capsys.readouterr().out
     assert "vs chosen" in out and "is the best choice by the held-out estimate pooled" in out
+    assert "tda [transductive]" in out and "best transductive candidate is tda" in out
     assert f"chosen model: {tmp_path / 'rec'}" in out
     model_dir = out.split("chosen model: ")[1].strip()
     assert wb.load(model_dir).class_names
