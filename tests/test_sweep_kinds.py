@@ -135,3 +135,24 @@ def test_a_retrieval_sweep_fine_tunes_a_pairs_method_and_refuses_classification_
     with pytest.raises(ConfigError, match="protocol 'retrieval' needs an image–text pair dataset"):
         sweep({"datasets": ["whu_rs19_mini"], "protocol": "retrieval", "methods": ["zero_shot"], "shots": [1],
                "seeds": [1], "output_dir": str(tmp_path / "u")}, show_progress=False)
+
+
+def test_rows_that_name_no_metric_are_summarised_on_their_task_kinds_primary_metric():
+    from workbench.experiment import _primary_metric
+
+    ml = pd.DataFrame({"dataset": ["m", "m"], "method": ["chexzero"] * 2, "shots": [1, 1], "metric": ["", None],
+                       "task": ["multi_label"] * 2, "macro_auroc": [0.6, 0.8], "accuracy": [np.nan, np.nan]})
+    assert _primary_metric(ml) == "macro_auroc"
+    assert wb.summarize(ml)["mean"].iloc[0] == pytest.approx(70.0)
+    pairs = pd.DataFrame({"dataset": ["p"], "protocol": ["retrieval"], "metric": [np.nan]})
+    assert _primary_metric(pairs) == "mean_recall"
+    assert _primary_metric(pd.DataFrame({"dataset": ["d"]})) == "accuracy"
+
+
+def test_recommend_refuses_a_pair_dataset_naming_what_to_use(backbone):
+    from workbench.recommend import recommend
+
+    with pytest.raises(ConfigError, match="image–text pair dataset.*protocol='retrieval'"):
+        recommend(wb.load_pairs("whu_rs19_pairs"), backbone, ["zero_shot"], shots=1, seeds=[1], budget="seconds")
+    with pytest.raises(ConfigError, match="image–text pair dataset"):
+        recommend("whu_rs19_pairs", backbone, None, shots=1, seeds=[1], budget="seconds")

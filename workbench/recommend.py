@@ -826,6 +826,7 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
     from .domains import load_dataset, run_settings
     from .features import FeatureCache
     from .methods import get_method
+    from .data.pairs import load_pairs, pair_specs_dir
     from .task_kinds import task_kind
 
     args = _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence)
@@ -833,9 +834,16 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
     device_types = {b.device.type if isinstance(b, Backbone) else resolve_device(device).type for b in backbone_list}
     # the slowest device decides: GPU minutes are CPU hours
     device_type = "cuda" if device_types == {"cuda"} else sorted(device_types - {"cuda"})[0]
-    if not isinstance(dataset, Dataset):
+    if isinstance(dataset, (str, Path)) and str(dataset) in {p.stem for p in pair_specs_dir()}:
+        dataset = load_pairs(dataset)   # refused below, with what to use instead
+    if not isinstance(dataset, Dataset) and getattr(dataset, "task", None) != "retrieval":
         dataset = load_dataset(dataset)   # read, not encoded: its task kind decides the candidates
     kind = task_kind(getattr(dataset, "task", None) or "single_label")
+    if kind.name == "retrieval":
+        raise ConfigError(f"recommend chooses a classification method, and {dataset.name!r} is an image–text pair "
+                          "dataset (retrieval). Compare retrieval runs with wb.compare(pairs, backbone, ['zero_shot', "
+                          "'pairs_lora'], [0], seeds, protocol='retrieval') or a sweep; a saved pairs fine-tune can "
+                          "then be a backbone candidate of recommend on a classification dataset.")
     candidates, excluded = candidate_methods(methods, budget, device_type, kind.name)
     unknown = sorted(set(method_params or {}) - set(candidates) - set(excluded))
     if unknown:
