@@ -567,6 +567,7 @@ def test_recommend_on_a_multi_label_set_ranks_on_macro_auroc(backbone, rec_mosai
     assert rec.ci_low <= rec.estimate <= rec.ci_high
     assert rec.table["test"].notna().all() and "positive images per finding" in rec.summary
     assert "macro_auroc" in rec.ranking().columns[3]
+    assert rec.plot().axes[0].get_xlabel() == "positive images per finding (K)"
     model = wb.load(rec.model_dir)
     out = model.predict([rec_mosaic.load_image(rec_mosaic.split("test")[0])])
     assert list(out.columns[2:]) == rec_mosaic.class_names

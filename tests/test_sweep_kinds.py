@@ -132,6 +132,9 @@ def test_a_retrieval_sweep_fine_tunes_a_pairs_method_and_refuses_classification_
     with pytest.raises(ConfigError, match=r"'linear_probe' does not support retrieval.*pairs_lora"):
         sweep({"datasets": ["whu_rs19_pairs"], "methods": ["linear_probe"], "shots": [1], "seeds": [1],
                "output_dir": str(tmp_path / "t")}, show_progress=False)
+    with pytest.raises(ConfigError, match="runner 'notebook' runs classification cells"):
+        sweep({"datasets": ["whu_rs19_pairs"], "runner": "notebook", "methods": ["zero_shot"], "shots": [1],
+               "seeds": [1], "output_dir": str(tmp_path / "v")}, show_progress=False)
     with pytest.raises(ConfigError, match="protocol 'retrieval' needs an image–text pair dataset"):
         sweep({"datasets": ["whu_rs19_mini"], "protocol": "retrieval", "methods": ["zero_shot"], "shots": [1],
                "seeds": [1], "output_dir": str(tmp_path / "u")}, show_progress=False)

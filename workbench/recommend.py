@@ -615,7 +615,8 @@ class Recommendation:
         ks = sorted(self.table["shots"].unique())
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
-        ax.set_xlabel("shots per class (K)")
+        ax.set_xlabel("positive images per finding (K)" if self.design.get("per") == "finding"
+                      else "shots per class (K)")
         what = "held-out estimate" if which == "estimate" else "test, scored once after the choice"
         ax.set_ylabel(metric_label(self.metric))
         ax.set_title(f"{self.dataset}: {what}\n{int(100 * self.confidence)}% bootstrap intervals over images × "

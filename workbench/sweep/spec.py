@@ -97,6 +97,10 @@ class SweepSpec:
             raise ConfigError("sweep: runner 'notebook' runs the default protocol only; use runner 'function'.")
         if self.runner == "notebook":
             notebook_path(self.notebook, self.allow_notebook_outside)
+            pairs = [d for d in self.datasets if is_pair_entry(d)]
+            if pairs:
+                raise ConfigError(f"sweep: runner 'notebook' runs classification cells; {pairs} are image–text pair "
+                                  "datasets (retrieval rows): use runner 'function'.")
         for m in self.methods:
             if m.get("label") is not None:
                 check_name(m["label"], f"method {m['name']!r}: 'label'")
