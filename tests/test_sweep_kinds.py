@@ -35,6 +35,11 @@ def test_a_multi_label_sweep_keeps_its_columns_and_summarises_on_macro_auroc(mos
         assert table[col].between(0, 1).all(), col
     assert table["accuracy"].isna().all() and set(table["metric"]) == {"macro_auroc"}
     assert set(table["task"]) == {"multi_label"}
+    import json
+
+    thresholds = [json.loads(t) for t in table["thresholds"]]   # chosen on the K-shot validation set, per finding
+    assert all(len(t) == 5 and all(0 <= v <= 1 for v in t) for t in thresholds)
+    assert not table["transductive"].any() and table["unlabeled_source"].fillna("").eq("").all()
     # the pool held the greedy K-positives splits: the cells encoded nothing more
     assert summary.cell_encoded == 0 and summary.pool_encoded > 0
     s = wb.summarize(table)
