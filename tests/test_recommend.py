@@ -644,6 +644,8 @@ def test_a_transductive_candidate_gets_the_held_out_fold_as_its_pool_and_its_own
     assert list(ranking["setting"]) == ["inductive", "transductive"]
     assert ranking["method"].iloc[1] == f"{pool_spy} [transductive]" and ranking["vs chosen"].iloc[1] == \
         "best transductive"
+    legend = [t.get_text() for t in rec.plot().axes[0].get_legend().get_texts()]
+    assert f"{pool_spy} · workbench-tiny [transductive]" in legend
 
 
 def test_a_separate_pool_is_the_same_in_every_fold_and_never_holds_a_labelled_image(backbone, shapes4, pool_spy,

@@ -67,7 +67,7 @@ def test_a_method_of_another_kind_is_refused_before_any_encoding(mosaic_yaml, tm
 def test_a_sweep_with_an_unlabeled_pool_keys_and_flags_the_methods_that_use_it(tmp_path, quiet):
     from workbench.sweep import SweepSpec, cells
 
-    base = {"datasets": ["whu_rs19_mini"], "methods": ["zero_shot", "transclip"], "shots": [1], "seeds": [1],
+    base = {"datasets": ["pneumoniamnist_mini"], "methods": ["zero_shot", "transclip"], "shots": [2], "seeds": [1],
             "output_dir": str(tmp_path / "s")}
     first = sweep({**base, "unlabeled": "test"}, show_progress=False)
     assert (first.done, first.failed) == (2, 0)

@@ -605,8 +605,10 @@ class Recommendation:
             err = [100 * g[which] - 100 * g[lo_col], 100 * g[hi_col] - 100 * g[which]]
             shift = 2 ** (0.05 * (i - (len(labels) - 1) / 2))   # the K axis is log2: shift error bars apart
             chosen = label == f"{self.method} · {self.backbone}"
-            ax.errorbar(g["shots"] * shift, y, yerr=err, marker="o", capsize=3, label=label + (" (chosen)" if chosen
-                                                                                                else ""),
+            transductive = "setting" in g and (g["setting"] == "transductive").any()
+            ax.errorbar(g["shots"] * shift, y, yerr=err, marker="o", capsize=3,
+                        linestyle="--" if transductive else "-",
+                        label=label + (" [transductive]" if transductive else "") + (" (chosen)" if chosen else ""),
                         linewidth=2.2 if chosen else 1.2)
         chance = chance_level(self.metric, self.design.get("n_classes"))
         if chance is not None:
