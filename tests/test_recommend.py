@@ -242,13 +242,36 @@ def test_pooled_cache_serves_rows_equal_to_the_subsets_own_encoding(backbone, sh
 # -- the budget and bad input -----------------------------------------------------------------
 
 def test_budget_picks_candidates_from_the_registry_cost_per_device():
-    features = [e.name for e in registry.METHODS if e.family == "features"]
+    features = [e.name for e in registry.METHODS if e.family == "features" and "single_label" in e.tasks]
     assert candidate_methods(None, "minutes", "cpu")[0] == features      # GPU minutes are CPU hours
     on_gpu = candidate_methods(None, "minutes", "cuda")[0]
     assert "coop" in on_gpu and "clip_lora" in on_gpu
     kept, excluded = candidate_methods(["gda", "coop"], "seconds", "cuda")
     assert kept == ["gda"] and "coop" in excluded and "minutes" in excluded["coop"]
     assert "coop" in candidate_methods(None, "hours", "cpu")[0]
+
+
+def test_candidates_follow_the_task_kind_of_the_dataset():
+    every = candidate_methods(None, "hours", "cuda")[0]
+    assert not any(m.startswith("pairs_") for m in every) and "chexzero" not in every and "gda" in every
+    assert candidate_methods(None, "hours", "cuda", "multi_label")[0] == ["chexzero", "ovr_linear_probe"]
+    with pytest.raises(ConfigError, match=r"'pairs_lora' does not support single_label.*'gda'"):
+        candidate_methods(["gda", "pairs_lora"], "hours", "cuda")
+    with pytest.raises(ConfigError, match=r"'gda' does not support multi_label.*\['chexzero', 'ovr_linear_probe'\]"):
+        candidate_methods(["gda", "chexzero"], "hours", "cuda", "multi_label")
+
+
+def test_an_explicit_candidate_of_another_kind_is_refused_before_any_encoding(backbone, shapes4, monkeypatch):
+    from workbench.features import FeatureCache
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("an image was encoded before the candidates were checked")
+
+    monkeypatch.setattr(FeatureCache, "get", no_encoding)
+    with pytest.raises(ConfigError, match="'linear_probe' does not support multi_label.*'ovr_linear_probe'"):
+        recommend("whu_rs19_mosaic", backbone, ["chexzero", "linear_probe"], shots=2, seeds=[1], budget="seconds")
+    with pytest.raises(ConfigError, match="'pairs_svd' does not support single_label"):
+        recommend(shapes4, backbone, ["gda", "pairs_svd"], shots=2, seeds=[1], budget="hours")
 
 
 def test_a_budget_no_candidate_fits_names_the_budget_and_the_cheapest_estimate():
@@ -381,11 +404,12 @@ def test_cli_recommend_prints_the_ranking_summary_and_model(tmp_path, capsys, mo
     from workbench.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["recommend", "--dataset", "leaf_disease_synthetic", "--methods", "zero_shot,linear_probe",
+    assert main(["recommend", "--dataset", "leaf_disease_synthetic", "--methods", "zero_shot,linear_probe,tda",
                  "--shots", "2", "--seeds", "1", "--resplits", "2", "--budget", "seconds", "--rule", "pooled",
-                 "--out", "rec"]) == 0
+                 "--unlabeled", "test", "--out", "rec"]) == 0
     out = capsys.readouterr().out
     assert "vs chosen" in out and "is the best choice by the held-out estimate pooled" in out
+    assert "tda [transductive]" in out and "best transductive candidate is tda" in out
     assert f"chosen model: {tmp_path / 'rec'}" in out
     model_dir = out.split("chosen model: ")[1].strip()
     assert wb.load(model_dir).class_names
@@ -473,3 +497,191 @@ def test_features_that_are_not_finite_stop_recommend_naming_the_images(backbone,
                                                 r"'rec_shapes'\) are not finite \(NaN or inf\), e\.g\. \['"):
         recommend(shapes4, backbone, ["zero_shot", "linear_probe"], shots=2, seeds=[1], resplits=2,
                   budget="seconds", n_boot=200)
+
+
+# -- multi-label datasets: macro AUROC from per-finding scores ---------------------------------------
+
+def test_macro_auroc_resampled_matches_sklearn_on_the_explicit_resamples():
+    from sklearn.metrics import roc_auc_score
+
+    from workbench.recommend import bootstrap_draws, group_metric, macro_auroc_resampled
+
+    rng = np.random.default_rng(0)
+    n, n_find = 14, 4
+    y = rng.integers(0, 2, size=(n, n_find))
+    y[0, 1], y[1, 2] = -1, -1                        # uncertain: left out of that finding
+    y[:, 3] = 0
+    y[0, 3] = 1                                      # a rare finding: often absent from a resample
+    scores = np.round(rng.normal(size=(2, n, n_find)), 1)   # rounded: tied scores
+    _, images = bootstrap_draws([n], 20, seed=3)
+    got = macro_auroc_resampled(y, scores, images[0])
+    for m in range(2):
+        for r, idx in enumerate(images[0]):
+            per = []
+            for f in range(n_find):
+                yy, ss = y[idx, f], scores[m, idx, f]
+                known = yy >= 0
+                if 0 < yy[known].sum() < known.sum():
+                    per.append(roc_auc_score(yy[known], ss[known]))
+            expected = np.mean(per) if per else np.nan
+            np.testing.assert_allclose(got[m, r], expected, rtol=1e-12, equal_nan=True)
+    from workbench.metrics import compute_multilabel_metrics
+
+    assert group_metric(y, scores, 0, "macro_auroc")[0] == pytest.approx(
+        compute_multilabel_metrics(scores[0], y)["macro_auroc"])
+
+
+@pytest.fixture(scope="module")
+def rec_mosaic():
+    """The offline WHU-RS19 mosaic set (the generator of domains/remote_sensing/whu_rs19_mosaic.yaml), small."""
+    from workbench.data.multilabel import mosaic_dataset
+    from workbench.paths import repo_root
+
+    return mosaic_dataset(repo_root() / "data" / "whu_rs19_mini", n_images=40, seed=2, name="rec_mosaic",
+                          classes=["airport", "beach", "forest", "port", "river"], templates=["aerial imagery of {}."])
+
+
+def test_resplit_of_a_multi_label_pool_keeps_a_positive_of_every_finding_in_the_support(rec_mosaic):
+    from workbench.data.multilabel import sample_multilabel_few_shot, targets_of
+    from workbench.recommend import resplit
+
+    split = sample_multilabel_few_shot(rec_mosaic, 2, 1)
+    pool = {s.id for s in split.train(rec_mosaic) + split.val(rec_mosaic)}
+    held_all = []
+    for r in range(3):
+        inner, held = resplit(rec_mosaic, split, r, 1 / 3)
+        ids = [s.id for s in held]
+        assert ids and not set(ids) & (set(inner.train_ids) | set(inner.val_ids))
+        assert set(ids) | set(inner.train_ids) | set(inner.val_ids) == pool
+        support = targets_of(rec_mosaic.samples(inner.train_ids), rec_mosaic.n_findings)
+        assert ((support == 1).sum(0) >= 1).all() and inner.val_ids
+        held_all += ids
+    assert sorted(held_all) == sorted(pool)          # 3-fold: each labelled image held out exactly once
+
+
+def test_recommend_on_a_multi_label_set_ranks_on_macro_auroc(backbone, rec_mosaic, tmp_path, quiet):
+    rec = recommend(rec_mosaic, backbone, None, shots=2, seeds=[1], budget="seconds", resplits=2, n_boot=200,
+                    out_dir=tmp_path, method_params={"ovr_linear_probe": {"c_grid": [0.1, 10.0]}})
+    assert rec.metric == "macro_auroc" and set(rec.table["method"]) == {"chexzero", "ovr_linear_probe"}
+    assert not rec.failed and rec.table["estimate"].between(0, 1).all()
+    assert rec.ci_low <= rec.estimate <= rec.ci_high
+    assert rec.table["test"].notna().all() and "positive images per finding" in rec.summary
+    assert "macro_auroc" in rec.ranking().columns[3]
+    assert rec.plot().axes[0].get_xlabel() == "positive images per finding (K)"
+    model = wb.load(rec.model_dir)
+    out = model.predict([rec_mosaic.load_image(rec_mosaic.split("test")[0])])
+    assert list(out.columns[2:]) == rec_mosaic.class_names
+
+
+# -- unlabeled pools: transductive candidates in their own group, honest cross-validation ---------------
+
+class _PoolSpy(Method):
+    """Zero-shot logits; records what it was given as unlabeled images at fit and the batches it predicts."""
+    Config = NoConfig
+    uses_unlabeled = "pool"
+    log: list = []
+
+    def fit(self, task):
+        self.class_names = task.class_names
+        self.w = task.text_classifier().float()
+        pool = task.unlabeled_features()
+        self.transductive = pool is None
+        _PoolSpy.log.append(("fit", None if pool is None else pool.clone(), task.unlabeled_source))
+        return self
+
+    def predict_logits(self, features):
+        _PoolSpy.log.append(("predict", features.clone(), None))
+        return 30 * features.float() @ self.w.T
+
+    def state(self):
+        return {"w": self.w}
+
+    def load_state(self, state):
+        self.w = state["w"]
+
+
+@pytest.fixture
+def pool_spy():
+    registry.register("test_rec_pool_spy")(_PoolSpy)
+    _PoolSpy.log = []
+    yield "test_rec_pool_spy"
+    registry._CLASSES.pop("test_rec_pool_spy", None)
+    registry._ENTRIES.pop("test_rec_pool_spy", None)
+
+
+def _ids_of(rows, feats):
+    """The image ids whose features are the rows given (exact match of the cached features)."""
+    index = {tuple(np.round(f.numpy(), 5)): i for f, i in zip(feats.x, feats.ids)}
+    return [index[tuple(np.round(r.numpy(), 5))] for r in rows]
+
+
+def test_a_transductive_candidate_gets_the_held_out_fold_as_its_pool_and_its_own_group(backbone, shapes4,
+                                                                                         pool_spy, tmp_path, quiet):
+    from workbench.data.sampling import sample_few_shot
+
+    rec = recommend(shapes4, backbone, ["zero_shot", pool_spy], shots=4, seeds=[1], budget="minutes", resplits=3,
+                    n_boot=200, out_dir=tmp_path, unlabeled="test")
+    assert not rec.failed
+    everything = wb.FeatureCache(backbone, None, show_progress=False).get(
+        shapes4, shapes4.split("train") + shapes4.split("val") + shapes4.split("test"))
+    split = sample_few_shot(shapes4, 4, 1)
+    folds = [resplit(shapes4, split, r, 1 / 3) for r in range(3)]
+    nested = _PoolSpy.log[:2 * len(folds)]           # phase 1: (fit, predict) per re-split
+    for (inner, held), (fit, predict) in zip(folds, zip(nested[::2], nested[1::2])):
+        assert fit[0] == "fit" and fit[1] is None and fit[2] == "test"   # no pool at fit: the batch is the pool
+        seen = _ids_of(predict[1], everything)
+        assert sorted(seen) == sorted(s.id for s in held)                # exactly the held-out fold ...
+        assert not set(seen) & set(inner.train_ids + inner.val_ids)     # ... never its support
+    test_ids = {s.id for s in shapes4.split("test")}
+    assert not test_ids & {i for _, rows, _ in nested[1::2] for i in _ids_of(rows, everything)}
+    # phase 2: the refit is transductive on the test split, as the cross-validation was on its folds
+    assert _PoolSpy.log[2 * len(folds)][2] == "test"
+    at_k = rec.table.set_index("method")
+    assert at_k.loc[pool_spy, "setting"] == "transductive" and at_k.loc["zero_shot", "setting"] == "inductive"
+    assert rec.method == "zero_shot" and at_k.loc[pool_spy, "group_best"] and at_k.loc[pool_spy, "rank"] == 1
+    assert rec.other_group["method"] == pool_spy and "best transductive candidate" in rec.summary
+    ranking = rec.ranking()
+    assert list(ranking["setting"]) == ["inductive", "transductive"]
+    assert ranking["method"].iloc[1] == f"{pool_spy} [transductive]" and ranking["vs chosen"].iloc[1] == \
+        "best transductive"
+    legend = [t.get_text() for t in rec.plot().axes[0].get_legend().get_texts()]
+    assert f"{pool_spy} · workbench-tiny [transductive]" in legend
+
+
+def test_a_separate_pool_is_the_same_in_every_fold_and_never_holds_a_labelled_image(backbone, shapes4, pool_spy,
+                                                                                       tmp_path, quiet):
+    from workbench.data.sampling import sample_few_shot
+
+    rec = recommend(shapes4, backbone, ["zero_shot", pool_spy], shots=4, seeds=[1], budget="minutes", resplits=2,
+                    n_boot=200, out_dir=tmp_path, unlabeled="train")
+    everything = wb.FeatureCache(backbone, None, show_progress=False).get(shapes4, shapes4.split("train"))
+    split = sample_few_shot(shapes4, 4, 1)
+    labelled = set(split.train_ids + split.val_ids)
+    fits = [entry for entry in _PoolSpy.log if entry[0] == "fit"]
+    assert len(fits) == 3 and all(f[2] == "split:train" for f in fits)   # 2 re-splits + the refit
+    pools = [sorted(_ids_of(f[1], everything)) for f in fits]
+    assert pools[0] == pools[1] == pools[2]
+    assert set(pools[0]) == {s.id for s in shapes4.split("train")} - labelled
+    assert set(rec.table["setting"]) == {"inductive"} and "setting" not in rec.ranking().columns
+
+
+# -- a backbone fine-tuned on image–text pairs as one more candidate (issue 25) ------------------------
+
+def test_a_saved_pairs_fine_tune_is_one_more_backbone_candidate(backbone, shapes4, tmp_path, quiet):
+    from workbench.methods.pairs.contrastive import fine_tune_pairs
+
+    pairs = wb.load_pairs("whu_rs19_pairs")
+    folder = fine_tune_pairs(pairs, backbone, "pairs_lora", steps=2, batch_size=8, lr=1e-2).save(tmp_path / "ft")
+    rec = recommend(shapes4, [backbone, str(folder)], ["zero_shot", "linear_probe"], shots=2, seeds=[1],
+                    budget="seconds", resplits=2, n_boot=200, out_dir=tmp_path / "rec")
+    tuned = f"workbench-tiny (pairs_lora: {folder})"
+    assert set(rec.table["backbone"]) == {"workbench-tiny", tuned} and len(rec.table) == 4
+    assert rec.pairwise.shape == (4, 4) and not rec.failed
+    # the candidate is the fine-tuned encoder, not the base one again
+    images = shapes4.split("test")[:4]
+    base = wb.FeatureCache(backbone, None, show_progress=False).get(shapes4, images).x
+    adapted = wb.FeatureCache(wb.load_backbone(str(folder), device="cpu"), None, show_progress=False).get(
+        shapes4, images).x
+    assert not torch.allclose(base, adapted, atol=1e-6)
+    model = wb.load(rec.model_dir)          # the chosen pair's saved model loads, whichever backbone won
+    assert len(model.predict([img for img, _ in wb.report.sample_images(shapes4, "test", n=2)])) == 2

@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, type=_dataset_argument,
                    help="a dataset name from domains/, or a path (dataset YAML, image folder, CSV, .npz)")
     p.add_argument("--backbones", default="workbench-tiny", type=_names,
-                   help="comma-separated backbones, each NAME or NAME@PRETRAINED, e.g. ViT-B-16-quickgelu@openai "
-                        "(default: %(default)s, the offline model)")
+                   help="comma-separated backbones, each NAME or NAME@PRETRAINED, e.g. ViT-B-16-quickgelu@openai, or "
+                        "a saved backbone folder (a pairs fine-tune) (default: %(default)s, the offline model)")
     p.add_argument("--methods", default=None, type=_names,
                    help="comma-separated candidate methods (default: every method that fits --budget)")
     p.add_argument("--budget", default="minutes", choices=["seconds", "minutes", "hours"],
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rule", default="mean", choices=["mean", "pooled", "p_best"],
                    help="how the held-out evidence chooses (default: %(default)s; see README)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("--unlabeled", default=None,
+                   help="images nobody labelled, for transclip / tda (ranked in their own group when transductive): "
+                        "'test', a split name, an image folder, a CSV or an .npz (default: none)")
     p.add_argument("--out", default="outputs/recommend",
                    help="output folder (runs, splits, features, the chosen model), relative to the current directory "
                         "(default: %(default)s)")
@@ -156,7 +159,7 @@ def _run(args) -> int:
         out = Path(args.out).expanduser().resolve()
         rec = recommend(args.dataset, parse_backbones(args.backbones), args.methods, args.shots, args.seeds,
                         args.budget, args.metric, resplits=args.resplits, rule=args.rule, device=args.device, out_dir=out,
-                        split_dir=out / "splits", cache_dir=out / "features")
+                        split_dir=out / "splits", cache_dir=out / "features", unlabeled=args.unlabeled)
         print(rec.ranking().to_string(index=False))
         print(f"\n{rec.summary}\nchosen model: {rec.model_dir}")
     elif args.command == "sweep":

@@ -447,12 +447,19 @@ def _compare_cross_dataset(todo, dataset, backbone, targets, cache, templates, s
 
 
 def _primary_metric(rows: pd.DataFrame) -> str:
-    """The metric a dataset's rows name (its YAML's ``metric:``); accuracy for rows that name none."""
-    if "metric" not in rows:
-        return "accuracy"
-    named = rows["metric"].dropna().astype(str)
+    """The metric a dataset's rows name (its YAML's ``metric:``); for rows that name none, their task kind's
+    primary metric (a ``task`` column, or the ``retrieval`` protocol: :mod:`workbench.task_kinds`), else accuracy."""
+    named = rows["metric"].dropna().astype(str) if "metric" in rows else pd.Series([], dtype=str)
     named = named[named != ""]
-    return str(named.mode().iloc[0]) if len(named) else "accuracy"
+    if len(named):
+        return str(named.mode().iloc[0])
+    from .task_kinds import task_kind
+
+    kinds = rows["task"].dropna().astype(str) if "task" in rows else pd.Series([], dtype=str)
+    kinds = kinds[kinds != ""]
+    if not len(kinds) and "protocol" in rows and (rows["protocol"].astype(str) == "retrieval").any():
+        kinds = pd.Series(["retrieval"])
+    return task_kind(str(kinds.mode().iloc[0])).primary_metric if len(kinds) else "accuracy"
 
 
 def summarize(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:

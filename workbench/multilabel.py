@@ -68,7 +68,11 @@ def run_multilabel_experiment(dataset, backbone, method, shots: int, seed: int, 
            "protocol": protocol, "metric": getattr(dataset, "metric", None) or "macro_auroc", **scalars,
            **{k: metrics[k] for k in MULTILABEL_SCALARS if k not in scalars}, **val_scores,
            "task": "multi_label", "n_classes": dataset.n_classes, "n_test": len(test), "fit_seconds": fit_seconds,
-           "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id}
+           "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id,
+           # the per-finding thresholds chosen on the K-shot validation images (JSON, one per finding): what the
+           # row's F1 / sensitivity / specificity were computed at; a sweep's table keeps them
+           "thresholds": json.dumps([float(t) for t in metrics["thresholds"]]),
+           "unlabeled_source": "", "transductive": False}   # multi-label methods use no unlabeled image
     record = {
         "run_id": run_id, "row": row, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": "multi_label",
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "source": dataset.source,

@@ -55,8 +55,11 @@ from .errors import ConfigError, DataError, did_you_mean
 BUDGETS = ("seconds", "minutes", "hours")
 #: the budget's limit on one run's fit time, for the after-the-fact check of measured times
 BUDGET_SECONDS = {"seconds": 60.0, "minutes": 3600.0, "hours": math.inf}
-#: metrics the bootstrap computes from predicted labels (AUROC would need every replicate's scores)
-BOOTSTRAP_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: metrics the bootstrap computes from predicted labels (single-label datasets)
+LABEL_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+#: metrics the bootstrap computes from per-finding scores (multi-label datasets: y [n, L], scores [M, n, L])
+SCORE_METRICS = ("macro_auroc",)
+BOOTSTRAP_METRICS = LABEL_METRICS + SCORE_METRICS
 #: P(chosen beats this candidate) at or above which the ranking marks it significantly worse
 SIGNIFICANT = 0.95
 
@@ -91,16 +94,26 @@ def check_budget(budget) -> str:
     return budget
 
 
-def candidate_methods(methods: Sequence[str] | None, budget: str, device_type: str) -> tuple[list[str], dict]:
-    """The methods that fit ``budget`` (default: every registered method) and ``{excluded: reason}``.
+def candidate_methods(methods: Sequence[str] | None, budget: str, device_type: str,
+                      kind: str = "single_label") -> tuple[list[str], dict]:
+    """The methods that fit ``budget`` and the dataset's task ``kind`` (default: every registered method
+    that declares the kind, :func:`~workbench.methods.registry.methods_for_task`) and ``{excluded: reason}``.
 
-    Raises :class:`ConfigError` naming the budget and the cheapest candidate's estimate when
+    An explicit candidate that does not support ``kind`` is a :class:`ConfigError` naming it and the
+    methods that do (:func:`~workbench.methods.registry.check_method_task`): a multi-label dataset gets
+    multi-label methods, and the ``pairs_*`` fine-tunings (``retrieval``) are never classification
+    candidates. Raises :class:`ConfigError` naming the budget and the cheapest candidate's estimate when
     none fits.
     """
-    from .methods.registry import METHODS
+    from .methods.registry import METHODS, check_method_task
 
     check_budget(budget)
-    names = [e.name for e in METHODS] if methods is None else list(methods)
+    if methods is None:
+        names = [e.name for e in METHODS if kind in e.tasks]
+    else:
+        names = list(methods)
+        for m in names:
+            check_method_task(m, kind)   # unknown name: did-you-mean; wrong kind: the supporters listed
     if not names:
         raise ConfigError("methods is empty; pass None for every method that fits the budget, or name some.")
     tiers = {m: cost_tier(m, device_type) for m in names}
@@ -174,6 +187,66 @@ def metric_from_labels(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, m
                       f"{BOOTSTRAP_METRICS}.")
 
 
+def macro_auroc_resampled(y_true: np.ndarray, scores: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``[M, R]``: the macro AUROC of M candidates on R resamples of the same n images.
+
+    ``y_true [n, L]`` (1 present, 0 absent, -1 uncertain: left out of that finding, as in
+    :func:`workbench.metrics.per_finding_auroc`), ``scores [M, n, L]``, ``idx [R, m]`` the image
+    indices of each resample (with repeats). An image drawn c times counts c times, so each AUROC is
+    the Mann–Whitney statistic over the drawn (positive, negative) pairs, ties one half; a finding
+    without both a positive and a negative in a resample is left out of its mean (as in
+    :func:`workbench.metrics.compute_multilabel_metrics`); NaN when no finding has both. O(R·n) per
+    (candidate, finding): cumulative positive weights in score order, one group per tied score.
+    """
+    y_true, scores, idx = np.asarray(y_true), np.asarray(scores, dtype=np.float64), np.atleast_2d(idx)
+    n, n_find = y_true.shape
+    n_rep = idx.shape[0]
+    w = np.zeros((n_rep, n))
+    np.add.at(w, (np.repeat(np.arange(n_rep), idx.shape[1]), idx.reshape(-1)), 1.0)
+    out = np.full((scores.shape[0], n_rep, n_find), np.nan)
+    for f in range(n_find):
+        wp, wn = w * (y_true[:, f] == 1), w * (y_true[:, f] == 0)
+        n_pos, n_neg = wp.sum(1), wn.sum(1)
+        ok = (n_pos > 0) & (n_neg > 0)
+        if not ok.any():
+            continue
+        for m in range(scores.shape[0]):
+            s = scores[m, :, f]
+            order = np.argsort(s, kind="stable")
+            ss = s[order]
+            new = np.r_[True, ss[1:] != ss[:-1]]                   # first position of each tied group
+            start = np.maximum.accumulate(np.where(new, np.arange(n), 0))
+            end = (np.r_[np.flatnonzero(new)[1:], n] - 1)[np.cumsum(new) - 1]
+            cp = np.concatenate([np.zeros((n_rep, 1)), np.cumsum(wp[:, order], axis=1)], axis=1)
+            below, upto = cp[:, start], cp[:, end + 1]             # positives scored lower / not higher
+            above, tied = n_pos[:, None] - upto, upto - below
+            pairs = (wn[:, order] * (above + 0.5 * tied)).sum(1)   # (pos, neg) pairs ordered right
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[m, :, f] = np.where(ok, pairs / (n_pos * n_neg), np.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN: no finding with both classes
+        return np.nanmean(out, axis=-1)
+
+
+def resampled_metric(y_true: np.ndarray, pred: np.ndarray, idx: np.ndarray, n_classes: int,
+                     metric: str) -> np.ndarray:
+    """``[M, R]``: ``metric`` of M candidates on R resamples ``idx [R, m]`` of one group's images.
+
+    Single-label: ``y_true [n]``, ``pred [M, n]`` predicted labels (:func:`metric_from_labels`);
+    multi-label (:data:`SCORE_METRICS`): ``y_true [n, L]``, ``pred [M, n, L]`` scores
+    (:func:`macro_auroc_resampled`).
+    """
+    idx = np.atleast_2d(idx)
+    if metric in SCORE_METRICS:
+        return macro_auroc_resampled(y_true, pred, idx)
+    return metric_from_labels(np.asarray(y_true)[idx][None], np.asarray(pred)[:, idx], n_classes, metric)
+
+
+def group_metric(y_true: np.ndarray, pred: np.ndarray, n_classes: int, metric: str) -> np.ndarray:
+    """``[M]``: ``metric`` of M candidates on one group's images (see :func:`resampled_metric`)."""
+    return resampled_metric(y_true, pred, np.arange(len(y_true))[None], n_classes, metric)[:, 0]
+
+
 def bootstrap(groups: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int, metric: str, n_boot: int = 2000,
               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Point estimates ``[M]`` and bootstrap replicates ``[n_boot, M]`` of M candidates.
@@ -182,16 +255,29 @@ def bootstrap(groups: Sequence[tuple[np.ndarray, np.ndarray]], n_classes: int, m
     held-out images for every candidate, which makes the replicates paired. The point estimate
     is the mean over groups of each group's metric; a replicate averages the groups' metrics on
     resampled images, weighted by how often each group was drawn (:func:`bootstrap_draws`).
+    Multi-label (``metric="macro_auroc"``): ``y_true [n_g, L]`` targets and ``y_pred [M, n_g, L]``
+    scores, resampled over images (:func:`macro_auroc_resampled`); a group whose resample has no
+    finding with both classes (NaN) is left out of that replicate's mean instead of counting 0, and a
+    replicate with no AUROC at all (every drawn group such) is dropped: fewer than ``n_boot`` rows.
     """
     if not groups:
         raise DataError("nothing to bootstrap: no held-out images.")
-    point = np.mean([metric_from_labels(y, p, n_classes, metric) for y, p in groups], axis=0)
+    point = np.mean([group_metric(y, p, n_classes, metric) for y, p in groups], axis=0)
     counts, images = bootstrap_draws([len(y) for y, _ in groups], n_boot, seed)
     total = np.zeros((n_boot, groups[0][1].shape[0]))
+    weight = np.zeros((n_boot, groups[0][1].shape[0]))
     for g, ((y, p), idx) in enumerate(zip(groups, images)):
-        scores = metric_from_labels(y[idx][None], p[:, idx], n_classes, metric)   # [M, n_boot]
+        scores = resampled_metric(y, p, idx, n_classes, metric)   # [M, n_boot]
+        finite = np.isfinite(scores)
         scores = np.nan_to_num(scores, nan=0.0)  # only when a group drew no image of any class: weight 0 below
         total += counts[:, g:g + 1] * scores.T
+        weight += counts[:, g:g + 1] * finite.T
+    if metric in SCORE_METRICS:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = total / weight
+        # a replicate whose every drawn group lacks a finding with both classes has no AUROC: validity depends on
+        # the targets alone, so it is NaN for every candidate at once, and is dropped (pairing kept)
+        return point, reps[np.isfinite(reps).all(axis=1)]
     return point, total / len(groups)
 
 
@@ -224,8 +310,8 @@ def pooled_scores(groups: Sequence[tuple[np.ndarray, np.ndarray]], keys: Sequenc
     by_key: dict = {}
     for (y, p), key in zip(groups, keys):
         by_key.setdefault(key, []).append((y, p))
-    scores = [metric_from_labels(np.concatenate([y for y, _ in parts]),
-                                 np.concatenate([p for _, p in parts], axis=-1), n_classes, metric)
+    scores = [group_metric(np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts], axis=1),
+                           n_classes, metric)
               for parts in by_key.values()]
     return np.mean(scores, axis=0)
 
@@ -302,6 +388,8 @@ def resplit(dataset, split, resplit_index: int, holdout: float):
     """
     from .data.sampling import FewShotSplit
 
+    if getattr(dataset, "task", "single_label") == "multi_label":
+        return resplit_multilabel(dataset, split, resplit_index, holdout)
     folds = folds_for(holdout)
     repetition, fold = divmod(resplit_index, folds)
     pool = split.train(dataset) + split.val(dataset)
@@ -322,6 +410,56 @@ def resplit(dataset, split, resplit_index: int, holdout: float):
     inner = FewShotSplit(dataset=split.dataset, fingerprint=split.fingerprint, shots=max(per_class), seed=split.seed,
                          val_shots=split.val_shots, train_ids=train_ids, val_ids=val_ids,
                          val_source=f"recommend re-split {resplit_index} of the K-shot pool")
+    return inner, held
+
+
+def resplit_multilabel(dataset, split, resplit_index: int, holdout: float):
+    """:func:`resplit` for a multi-label K-shot split, where an image carries several findings.
+
+    The folds are stratified per finding by iterative stratification (Sechidis, Tsoumakas & Vlahavas,
+    "On the stratification of multi-label data", ECML PKDD 2011, simplified): the images are shuffled
+    once per repetition by a string seed; findings are taken rarest first, and each not yet placed
+    image showing the finding goes to the fold holding the fewest of its positives (then the fewest
+    images, then the lowest index); images without a finding go to the smallest folds. So a finding
+    with at least two positives keeps one outside every fold. The rest is split into support and
+    validation in the protocol's K : val_shots ratio, moving an image to validation only while every
+    finding it shows keeps a positive in the support (the one-vs-rest probes need one per finding).
+    A finding with no positive or no negative in a fold is left out of that fold's macro AUROC.
+    """
+    from .data.multilabel import targets_of
+    from .data.sampling import FewShotSplit
+
+    folds = folds_for(holdout)
+    repetition, fold = divmod(resplit_index, folds)
+    own = sorted(split.train(dataset) + split.val(dataset), key=lambda s: s.id)
+    random.Random(f"recommend-ml/{split.seed}/{split.shots}/{repetition}").shuffle(own)
+    pos = targets_of(own, dataset.n_findings) == 1                      # [n, L]
+    where = np.full(len(own), -1)
+    sizes, per_fold = np.zeros(folds, int), np.zeros((folds, pos.shape[1]), int)
+    for f in np.argsort(pos.sum(0), kind="stable"):                     # rarest finding first
+        for i in np.flatnonzero(pos[:, f] & (where < 0)):
+            target = min(range(folds), key=lambda g: (per_fold[g, f], sizes[g], g))
+            where[i], sizes[target] = target, sizes[target] + 1
+            per_fold[target] += pos[i]
+    for i in np.flatnonzero(where < 0):
+        target = min(range(folds), key=lambda g: (sizes[g], g))
+        where[i], sizes[target] = target, sizes[target] + 1
+    held = [s for i, s in enumerate(own) if where[i] == fold] if len(own) >= 2 else []
+    rest = [i for i in range(len(own)) if where[i] != fold or len(own) < 2]
+    ratio = split.val_shots / (split.shots + split.val_shots) if (split.shots + split.val_shots) else 0.0
+    n_val = min(len(rest) - 1, math.floor(len(rest) * ratio)) if rest else 0
+    left = pos[rest].sum(0) if rest else np.zeros(pos.shape[1], int)    # support positives per finding
+    val = []
+    for i in rest:
+        if len(val) >= n_val:
+            break
+        if (left[pos[i]] >= 2).all():
+            val.append(i)
+            left = left - pos[i]
+    inner = FewShotSplit(dataset=split.dataset, fingerprint=split.fingerprint, shots=split.shots, seed=split.seed,
+                         val_shots=split.val_shots, train_ids=[own[i].id for i in rest if i not in val],
+                         val_ids=[own[i].id for i in val], allocation="greedy_multilabel",
+                         val_source=f"recommend re-split {resplit_index} of the K-shot pool (stratified per finding)")
     return inner, held
 
 
@@ -398,6 +536,9 @@ class Recommendation:
     cost_source: str = "registry cost column (per device); measured fit seconds reported"
     design: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)   # candidate -> the error of its failed fit (left out of the choice)
+    #: the best candidate of the other group (``setting`` "transductive" when the choice is inductive), or {}:
+    #: transductive candidates are ranked among themselves, never mixed with the inductive ones
+    other_group: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         saved = f"; saved in {self.model_dir}" if self.model_dir else ""
@@ -410,24 +551,40 @@ class Recommendation:
         """Candidates at K = ``shots``, best held-out estimate first, with significance marks.
 
         ``vs chosen``: ``**`` the chosen candidate beats it with paired-bootstrap probability
-        ≥ 0.99, ``*`` ≥ 0.95, ``n.s.`` below (statistically tied with the choice).
+        ≥ 0.99, ``*`` ≥ 0.95, ``n.s.`` below (statistically tied with the choice). With
+        transductive candidates (``recommend(unlabeled=...)``), a ``setting`` column says which
+        group each row is in: the other group comes after the chosen one's, ranked and compared
+        within itself (its best marked ``best transductive``), and its methods carry
+        `` [transductive]``.
         """
-        at_k = self.table[self.table["shots"] == self.shots].sort_values(["rank", "chosen"], ascending=[True, False])
+        at_k = self.table[self.table["shots"] == self.shots]
+        if "setting" not in at_k:
+            at_k = at_k.assign(setting="inductive")
+        main = self.design.get("setting", "inductive")
+        at_k = at_k.assign(_main=at_k["setting"] == main).sort_values(["_main", "rank", "chosen"],
+                                                                     ascending=[False, True, False])
         pct = lambda v: f"{100 * v:.1f}"  # noqa: E731
         errors = at_k["error"] if "error" in at_k else pd.Series("", index=at_k.index)
         failed = [bool(e) and np.isnan(v) for e, v in zip(errors, at_k["estimate"])]  # left out of the choice
+        from .unlabeled import TRANSDUCTIVE_MARK
+
         out = pd.DataFrame({
-            "rank": at_k["rank"].astype(int), "backbone": at_k["backbone"], "method": at_k["method"],
+            "rank": at_k["rank"].astype(int), "backbone": at_k["backbone"],
+            "method": [m + (TRANSDUCTIVE_MARK if g == "transductive" else "") for m, g in zip(at_k["method"],
+                                                                                            at_k["setting"])],
             f"held-out {self.metric} (%)": [f"failed: {err}" if f else f"{pct(e)} [{pct(lo)}, {pct(hi)}]"
                                             for e, lo, hi, f, err in zip(at_k["estimate"], at_k["ci_low"],
                                                                          at_k["ci_high"], failed, errors)],
             "P(chosen beats)": at_k["p_chosen_beats"].round(3),
-            "vs chosen": ["failed" if f else _mark(p, chosen)
-                          for p, chosen, f in zip(at_k["p_chosen_beats"], at_k["chosen"], failed)],
+            "vs chosen": ["failed" if f else f"best {g}" if (lead and not chosen) else _mark(p, chosen)
+                          for p, chosen, f, g, lead in zip(at_k["p_chosen_beats"], at_k["chosen"], failed,
+                                                           at_k["setting"], at_k.get("group_best", at_k["chosen"]))],
             "fit s": at_k["fit_seconds"].round(2),
             f"test {self.metric} (%)": [f"{pct(t)} [{pct(lo)}, {pct(hi)}]" if not np.isnan(t) else "—"
                                         for t, lo, hi in zip(at_k["test"], at_k["test_ci_low"], at_k["test_ci_high"])],
         })
+        if (at_k["setting"] == "transductive").any():   # two groups: say which row is in which
+            out.insert(1, "setting", at_k["setting"].to_numpy())
         return out.reset_index(drop=True)
 
     def plot(self, ax=None, which: str = "estimate"):
@@ -448,8 +605,10 @@ class Recommendation:
             err = [100 * g[which] - 100 * g[lo_col], 100 * g[hi_col] - 100 * g[which]]
             shift = 2 ** (0.05 * (i - (len(labels) - 1) / 2))   # the K axis is log2: shift error bars apart
             chosen = label == f"{self.method} · {self.backbone}"
-            ax.errorbar(g["shots"] * shift, y, yerr=err, marker="o", capsize=3, label=label + (" (chosen)" if chosen
-                                                                                                else ""),
+            transductive = "setting" in g and (g["setting"] == "transductive").any()
+            ax.errorbar(g["shots"] * shift, y, yerr=err, marker="o", capsize=3,
+                        linestyle="--" if transductive else "-",
+                        label=label + (" [transductive]" if transductive else "") + (" (chosen)" if chosen else ""),
                         linewidth=2.2 if chosen else 1.2)
         chance = chance_level(self.metric, self.design.get("n_classes"))
         if chance is not None:
@@ -458,7 +617,8 @@ class Recommendation:
         ks = sorted(self.table["shots"].unique())
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.minorticks_off()
-        ax.set_xlabel("shots per class (K)")
+        ax.set_xlabel("positive images per finding (K)" if self.design.get("per") == "finding"
+                      else "shots per class (K)")
         what = "held-out estimate" if which == "estimate" else "test, scored once after the choice"
         ax.set_ylabel(metric_label(self.metric))
         ax.set_title(f"{self.dataset}: {what}\n{int(100 * self.confidence)}% bootstrap intervals over images × "
@@ -495,6 +655,11 @@ def _as_list(value, name: str) -> list:
 
 
 def _label(backbone) -> str:
+    """How the ranking names a backbone: ``name (pretrained)``; a saved backbone folder (e.g. contrastive
+    fine-tuning on pairs, ``wb.load_backbone(folder)``) says how it was adapted and where it lies."""
+    source = getattr(backbone, "source", None) or {}
+    if source.get("kind") == "saved-backbone":
+        return f"{backbone.name} ({source.get('adapted_by') or 'adapted'}: {source.get('folder')})"
     return f"{backbone.name} ({backbone.pretrained})" if backbone.pretrained else backbone.name
 
 
@@ -516,9 +681,10 @@ def check_finite_features(feats, what: str, error: type = NonFiniteFeatures) -> 
         "array source?) and the backbone (weights that overflow at this precision: try precision='fp32').")
 
 
-def _predict(method, backbone, cache, view, samples):
+def _predict(method, backbone, cache, view, samples, multi_label: bool = False):
     """Predicted labels of ``method`` on ``samples`` of the labelled pool (its own features if it adapted
-    the image encoder)."""
+    the image encoder) and their labels; on a multi-label dataset the per-finding scores ``[n, L]`` and
+    the targets ``[n, L]``."""
     import torch
 
     from .features import FeatureCache
@@ -533,6 +699,10 @@ def _predict(method, backbone, cache, view, samples):
                               DataError)  # this candidate's own encoder: it fails, the others go on
     with torch.no_grad():
         logits = method.predict_logits(feats.x if method.normalized_input else feats.raw.mean(0)).float()
+    if multi_label:
+        from .data.multilabel import targets_of
+
+        return logits.double().cpu().numpy(), targets_of(view.samples(feats.ids), logits.shape[1])
     return logits.argmax(-1).cpu().numpy(), feats.labels.cpu().numpy()
 
 
@@ -564,6 +734,10 @@ class _Plan:
     method_params: dict
     templates: list | None
     split_dir: Any
+    #: method -> the unlabeled images it is given (None: an inductive method; "test": transductive; else a pool)
+    unlabeled: dict = field(default_factory=dict)
+    #: the methods whose prediction for an image depends on the other images predicted (their own group)
+    transductive: set = field(default_factory=set)
 
     @property
     def target(self) -> int:
@@ -572,6 +746,10 @@ class _Plan:
     def name(self, i: int) -> str:
         bi, m = self.pairs[i]
         return f"{m} · {self.labels[bi]}"
+
+    def setting(self, i: int) -> str:
+        """``"transductive"`` or ``"inductive"``: the group candidate ``i`` is ranked in."""
+        return "transductive" if self.pairs[i][1] in self.transductive else "inductive"
 
 
 def _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence) -> dict:
@@ -601,9 +779,11 @@ def candidate_pairs(n_backbones: int, methods: Sequence[str]) -> list[tuple[int,
 def _draw_splits(dataset, shots, seeds, resplits: int, holdout: float, split_dir) -> tuple[dict, dict]:
     """The K-shot splits per (K, seed) and their re-splits (:func:`resplit`); a fold that holds out
     nothing is left out, and a (K, seed) with no held-out image at all is a ConfigError."""
+    from .data.multilabel import is_multi_label, sample_multilabel_few_shot
     from .data.sampling import sample_few_shot
 
-    splits = {(k, s): sample_few_shot(dataset, k, s, split_dir=split_dir) for k in shots for s in seeds}
+    sample = sample_multilabel_few_shot if is_multi_label(dataset) else sample_few_shot
+    splits = {(k, s): sample(dataset, k, s, split_dir=split_dir) for k in shots for s in seeds}
     # a fold can hold out nothing when every class has fewer images than folds: it is left out
     designs = {key: [(r, *part) for r in range(resplits) for part in [resplit(dataset, sp, r, holdout)] if part[1]]
                for key, sp in splits.items()}
@@ -615,8 +795,33 @@ def _draw_splits(dataset, shots, seeds, resplits: int, holdout: float, split_dir
     return splits, designs
 
 
+def unlabeled_plan(unlabeled, methods: Sequence[str]) -> tuple[dict, set]:
+    """``({method: the unlabeled images it gets}, {transductive methods})`` for ``recommend(unlabeled=...)``.
+
+    A method that uses no unlabeled image gets None. One that does gets ``unlabeled`` or, when none
+    is given, ``"test"`` (with the warning of :func:`workbench.unlabeled.default_unlabeled`). It is
+    transductive — ranked in its own group — when its prediction for an image depends on the other
+    images predicted: a stream method (TDA) always, a pool method (TransCLIP) on ``"test"``; a pool
+    method given a separate pool (a folder, CSV, npz or split) predicts each image from that fixed
+    pool, inductively.
+    """
+    from .methods.registry import method_class
+    from .unlabeled import check_unlabeled, default_unlabeled
+
+    check_unlabeled(unlabeled, "default", "recommend")
+    given, transductive = {}, set()
+    for m in methods:
+        cls = method_class(m)
+        check_unlabeled(unlabeled, "default", "recommend", method=cls)
+        uses = getattr(cls, "uses_unlabeled", None)
+        given[m] = default_unlabeled(unlabeled, cls, "recommend") if uses else None
+        if uses == "stream" or (uses and str(given[m]) == "test"):
+            transductive.add(m)
+    return given, transductive
+
+
 def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_params, resplits, holdout, n_boot,
-          confidence, boot_seed, split_dir, cache_dir, templates, device, rule) -> _Plan:
+          confidence, boot_seed, split_dir, cache_dir, templates, device, rule, unlabeled=None) -> _Plan:
     """Check every argument, list the candidates, draw the splits and load the backbones — in the order
     that refuses bad input before any image is encoded."""
     from .backbones import Backbone, load_backbone, resolve_device
@@ -624,24 +829,37 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
     from .domains import load_dataset, run_settings
     from .features import FeatureCache
     from .methods import get_method
+    from .data.pairs import load_pairs, pair_specs_dir
+    from .task_kinds import task_kind
 
     args = _check_arguments(budget, rule, shots, seeds, resplits, holdout, n_boot, confidence)
     backbone_list = _as_list(backbones, "backbones")
     device_types = {b.device.type if isinstance(b, Backbone) else resolve_device(device).type for b in backbone_list}
     # the slowest device decides: GPU minutes are CPU hours
     device_type = "cuda" if device_types == {"cuda"} else sorted(device_types - {"cuda"})[0]
-    candidates, excluded = candidate_methods(methods, budget, device_type)
+    if isinstance(dataset, (str, Path)) and str(dataset) in {p.stem for p in pair_specs_dir()}:
+        dataset = load_pairs(dataset)   # refused below, with what to use instead
+    if not isinstance(dataset, Dataset) and getattr(dataset, "task", None) != "retrieval":
+        dataset = load_dataset(dataset)   # read, not encoded: its task kind decides the candidates
+    kind = task_kind(getattr(dataset, "task", None) or "single_label")
+    if kind.name == "retrieval":
+        raise ConfigError(f"recommend chooses a classification method, and {dataset.name!r} is an image–text pair "
+                          "dataset (retrieval). Compare retrieval runs with wb.compare(pairs, backbone, ['zero_shot', "
+                          "'pairs_lora'], [0], seeds, protocol='retrieval') or a sweep; a saved pairs fine-tune can "
+                          "then be a backbone candidate of recommend on a classification dataset.")
+    candidates, excluded = candidate_methods(methods, budget, device_type, kind.name)
     unknown = sorted(set(method_params or {}) - set(candidates) - set(excluded))
     if unknown:
         raise ConfigError(f"method_params names {unknown}, which are not among the methods {candidates}.")
     for m in candidates:   # types and bounds of every method's parameters
         get_method(m, **((method_params or {}).get(m) or {}))
-    if not isinstance(dataset, Dataset):
-        dataset = load_dataset(dataset)
-    metric = metric or getattr(dataset, "metric", None) or "accuracy"
-    if metric not in BOOTSTRAP_METRICS:
-        raise ConfigError(f"metric {metric!r}: recommend bootstraps {BOOTSTRAP_METRICS} (computed from predicted "
-                          "labels); pass metric= one of them.")
+    given, transductive = unlabeled_plan(unlabeled, candidates)
+    metric = metric or getattr(dataset, "metric", None) or kind.primary_metric
+    allowed = SCORE_METRICS if kind.name == "multi_label" else LABEL_METRICS
+    if metric not in allowed:
+        raise ConfigError(f"metric {metric!r}: on a {kind.name} dataset recommend bootstraps {allowed} ("
+                          + ("computed from per-finding scores" if kind.name == "multi_label" else
+                             "computed from predicted labels") + "); pass metric= one of them.")
     if not (dataset.has_split("test") and len(dataset.split("test")) > 0):
         raise DataError(f"dataset {dataset.name!r} has no test split; recommend refits every candidate and saves the "
                         "chosen model through run_experiment, which scores one. Give the dataset a test split "
@@ -663,7 +881,7 @@ def _plan(dataset, backbones, methods, shots, seeds, budget, metric, *, method_p
                  caches=caches, pairs=candidate_pairs(len(loaded), candidates),
                  settings={m: run_settings(dataset, m, (method_params or {}).get(m)) for m in candidates},
                  splits=splits, designs=designs, method_params=dict(method_params or {}), templates=templates,
-                 split_dir=split_dir, **args)
+                 split_dir=split_dir, unlabeled=given, transductive=transductive, **args)
 
 
 # -- phase 1: nested selection on the labelled pool only ------------------------------------------
@@ -680,25 +898,39 @@ class _Nested:
     failed: dict                   # candidate index -> "Error: message" of its first failed fit
     notes: list                    # warnings raised while fitting, once each
     seconds: float
+    #: (backbone index, K, seed, source) -> the separate unlabeled pool (labelled images removed), as in the refit
+    pools: dict = field(default_factory=dict)
 
 
-def _fit_candidate(plan: _Plan, i: int, k: int, seed: int, inner, held, cache, view) -> tuple:
-    """Fit candidate ``i`` on a re-split's inner split; returns (held-out predictions, truth, fit seconds)."""
+def _fit_candidate(plan: _Plan, i: int, k: int, seed: int, inner, held, cache, view, pool=None) -> tuple:
+    """Fit candidate ``i`` on a re-split's inner split; returns (held-out predictions, truth, fit seconds).
+
+    A transductive candidate gets the held-out fold as its unlabeled pool: as with ``unlabeled="test"``
+    in the refit, it is given no pool at fit time and predicts the held-out images together, so its
+    prediction for one uses the others — exactly what the test split will give it, and nothing more
+    (never the support, never a test image). A candidate with a separate pool gets ``pool`` (that pool
+    with every labelled image of the K-shot split removed, the same as in the refit).
+    """
     import torch
 
     from .methods import get_method
     from .task import FewShotTask
+    from .unlabeled import UnlabeledPool
 
     bi, m = plan.pairs[i]
     dataset = plan.dataset
     tmpl = list(plan.templates or plan.settings[m].templates or dataset.templates or ["a photo of a {}."])
-    task = FewShotTask(dataset, inner, plan.backbones[bi], cache, templates=tmpl)
+    if m in plan.transductive:
+        pool = UnlabeledPool("test")   # the images predicted: here the held-out fold
+    elif plan.unlabeled.get(m) is None:
+        pool = None
+    task = FewShotTask(dataset, inner, plan.backbones[bi], cache, templates=tmpl, unlabeled=pool)
     method = get_method(m, **(plan.settings[m].params or {}))
     torch.manual_seed(seed)   # as run_experiment does: the same seed for every candidate
     t0 = time.perf_counter()
     method.fit(task)
     seconds = time.perf_counter() - t0
-    pred, y = _predict(method, plan.backbones[bi], cache, view, held)
+    pred, y = _predict(method, plan.backbones[bi], cache, view, held, plan.metric in SCORE_METRICS)
     return pred, y, seconds
 
 
@@ -726,6 +958,14 @@ def nested_selection(plan: _Plan) -> _Nested:
             pool = split.train(plan.dataset) + split.val(plan.dataset)
             for bi in range(len(plan.backbones)):
                 out.pooled[(bi, k, s)] = PooledCache(plan.caches[bi], view, pool)
+                for source in {str(v) for m, v in plan.unlabeled.items()
+                               if v is not None and m not in plan.transductive}:
+                    from .unlabeled import resolve_unlabeled
+
+                    # a separate pool, less every labelled image of this K-shot split: the refit's pool
+                    out.pools[(bi, k, s, source)] = resolve_unlabeled(
+                        next(v for v in plan.unlabeled.values() if str(v) == source), plan.dataset, split,
+                        plan.caches[bi])
             for r, inner, held in parts:
                 preds, truth = {}, None
                 for i, (bi, m) in enumerate(plan.pairs):
@@ -733,7 +973,9 @@ def nested_selection(plan: _Plan) -> _Nested:
                     if i in out.failed:
                         continue
                     try:
-                        pred, y, seconds = _fit_candidate(plan, i, k, s, inner, held, out.pooled[(bi, k, s)], view)
+                        given = plan.unlabeled.get(m)
+                        pred, y, seconds = _fit_candidate(plan, i, k, s, inner, held, out.pooled[(bi, k, s)], view,
+                                                          out.pools.get((bi, k, s, str(given))))
                     except NonFiniteFeatures:
                         raise
                     except Exception as err:  # this candidate is out; the others go on
@@ -774,6 +1016,7 @@ class _Evidence:
     choice_by_rule: dict           # rule -> chosen candidate's name
     best: int                      # the chosen candidate's index
     pairwise: pd.DataFrame
+    leaders: dict = field(default_factory=dict)   # setting ("inductive" / "transductive") -> its best candidate
 
 
 def _held_out_groups(nested: _Nested, k: int, alive: list) -> list:
@@ -783,7 +1026,12 @@ def _held_out_groups(nested: _Nested, k: int, alive: list) -> list:
 
 def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
     """The bootstrap per K, every rule's selection scores, the choice at the largest K, each
-    candidate's rank and P(chosen beats it); failed candidates are listed last, unscored."""
+    candidate's rank and P(chosen beats it); failed candidates are listed last, unscored.
+
+    Transductive candidates (:func:`unlabeled_plan`) are their own group (``setting``): ranked among
+    themselves, compared with their group's best, and chosen only when no inductive candidate was
+    scored; the best of each group is kept (``leaders``). Their estimates are honest — each held-out
+    fold was its own unlabeled pool — but they assume a batch of images to predict together."""
     alive = [i for i in range(len(plan.pairs)) if i not in nested.failed]
     names = [plan.name(i) for i in range(len(plan.pairs))]
     rows, boots, by_rule = [], {}, {}
@@ -798,6 +1046,7 @@ def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
             j = alive.index(i) if i in alive else None
             seconds = nested.fit_seconds[(k, (bi, m))]
             rows.append({"backbone": plan.labels[bi], "method": m, "candidate": names[i], "shots": k,
+                         "setting": plan.setting(i),
                          "estimate": point[j] if j is not None else np.nan,
                          "ci_low": low[j] if j is not None else np.nan,
                          "ci_high": high[j] if j is not None else np.nan,
@@ -807,21 +1056,32 @@ def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
     table = pd.DataFrame(rows)
     target = plan.target
     tiers = [BUDGETS.index(cost_tier(plan.pairs[i][1], plan.device_type)) for i in alive]
-    choice_by_rule = {r_: names[alive[choose(by_rule[target][r_], boots[target][0], tiers, alive)]] for r_ in RULES}
+    setting_of = [plan.setting(i) for i in alive]
+    main = "inductive" if "inductive" in setting_of else "transductive"
+
+    def pick(scores, setting: str) -> int:   # the best of one group (the others masked out)
+        masked = np.where([g == setting for g in setting_of], np.asarray(scores, dtype=float), -np.inf)
+        return alive[choose(masked, boots[target][0], tiers, alive)]
+
+    choice_by_rule = {r_: names[pick(by_rule[target][r_], main)] for r_ in RULES}
     best = names.index(choice_by_rule[plan.rule])
-    best_j = alive.index(best)
+    leaders = {g: (best if g == main else pick(by_rule[target][plan.rule], g)) for g in dict.fromkeys(setting_of)}
     scored = table["error"] == ""
-    for k in plan.shots:   # per K: the rank and P(chosen pair beats each) on that K's replicates
+    for k in plan.shots:   # per K and group: the rank and P(group's best beats each) on that K's replicates
         reps = boots[k][1]
-        sel = (table["shots"] == k) & scored
-        table.loc[sel, "rank"] = table.loc[sel, "estimate"].rank(ascending=False, method="min").astype(int)
-        table.loc[sel, "p_chosen_beats"] = [p_beats(reps, best_j, alive.index(i)) if i != best else np.nan
-                                            for i in table.loc[sel, "_i"]]
+        for g, lead in leaders.items():
+            sel = (table["shots"] == k) & scored & (table["setting"] == g)
+            table.loc[sel, "rank"] = table.loc[sel, "estimate"].rank(ascending=False, method="min").astype(int)
+            table.loc[sel, "p_chosen_beats"] = [p_beats(reps, alive.index(lead), alive.index(i)) if i != lead
+                                                else np.nan for i in table.loc[sel, "_i"]]
     table.loc[~scored, "rank"] = len(alive) + 1   # failed: after every scored candidate
     table.loc[~scored, "p_chosen_beats"] = np.nan
     table["chosen"] = (table["_i"] == best)
+    table["group_best"] = table["_i"].isin(list(leaders.values()))
     reps = boots[target][1]
-    alive_names = [names[i] for i in alive]
+    from .unlabeled import TRANSDUCTIVE_MARK
+
+    alive_names = [names[i] + (TRANSDUCTIVE_MARK if plan.setting(i) == "transductive" else "") for i in alive]
     pairwise = pd.DataFrame([[p_beats(reps, a, b) if a != b else np.nan for b in range(len(alive))]
                              for a in range(len(alive))], index=alive_names, columns=alive_names)
     for m in plan.methods:   # the registry's estimate checked against what was measured here
@@ -830,7 +1090,7 @@ def weigh_evidence(plan: _Plan, nested: _Nested) -> _Evidence:
             warnings.warn(f"recommend: {m!r} took {seconds:.0f} s per fit here, more than the budget {plan.budget!r} "
                           "allows (the registry's estimate was lower on this machine).", stacklevel=3)
     return _Evidence(table=table, alive=alive, boots=boots, choice_by_rule=choice_by_rule, best=best,
-                     pairwise=pairwise)
+                     pairwise=pairwise, leaders=leaders)
 
 
 # -- phase 2: refit on the full K-shot split, score the test split once ------------------------------
@@ -865,7 +1125,8 @@ def refit_and_test(plan: _Plan, nested: _Nested, evidence: _Evidence, out: Path,
         try:
             res = run_experiment(plan.dataset, plan.backbones[bi], m, k, s, cache=nested.pooled[(bi, k, s)],
                                  templates=plan.templates, method_params=plan.method_params.get(m),
-                                 split_dir=plan.split_dir, out_dir=out, save_model=save)
+                                 split_dir=plan.split_dir, out_dir=out, save_model=save,
+                                 unlabeled=plan.unlabeled.get(m))
         except Exception as err:
             if (bi, m) == best:
                 raise
@@ -875,7 +1136,9 @@ def refit_and_test(plan: _Plan, nested: _Nested, evidence: _Evidence, out: Path,
             bar.update(1)
             continue
         final.fit_seconds.setdefault((k, (bi, m)), []).append(res.row["fit_seconds"])
-        final.predictions[(k, s, (bi, m))] = (res.labels.cpu().numpy(), res.logits.argmax(-1).cpu().numpy())
+        scores = plan.metric in SCORE_METRICS   # multi-label: targets [N, L] and per-finding scores [N, L]
+        final.predictions[(k, s, (bi, m))] = (res.labels.cpu().numpy(), res.logits.double().cpu().numpy() if scores
+                                              else res.logits.argmax(-1).cpu().numpy())
         if save:
             final.model_dir, final.chosen_run = res.model_dir, res
         bar.update(1)
@@ -915,8 +1178,11 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
     table["fit_seconds"] = [float(np.mean(final.fit_seconds[(k, plan.pairs[i])]))
                             if (k, plan.pairs[i]) in final.fit_seconds else np.nan
                             for k, i in zip(table["shots"], table["_i"])]
-    table = table.drop(columns=["_i"]).sort_values(["shots", "rank", "chosen", "candidate"],
-                                                   ascending=[True, True, False, True]).reset_index(drop=True)
+    main = plan.setting(evidence.best)
+    table["_main"] = table["setting"] == main   # the chosen one's group first, then the other group
+    table = table.drop(columns=["_i"]).sort_values(["shots", "_main", "rank", "chosen", "candidate"],
+                                                   ascending=[True, False, True, False, True]
+                                                   ).drop(columns="_main").reset_index(drop=True)
     table["rank"] = table["rank"].astype(int)
     target = plan.target
     best_bi, best_m = plan.pairs[evidence.best]
@@ -926,12 +1192,14 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
     chosen_row = table[(table["shots"] == target) & table["chosen"]].iloc[0]
     n_pool = int(np.mean([len(sp.train_ids) + len(sp.val_ids) for (k, _), sp in plan.splits.items() if k == target]))
     design = {"rule": plan.rule, "choice_by_rule": evidence.choice_by_rule, "seeds": plan.seeds,
+              "per": "finding" if plan.metric in SCORE_METRICS else "class",
               "resplits": plan.resplits, "holdout": plan.holdout, "n_boot": plan.n_boot,
               "boot_seed": plan.boot_seed, "n_classes": plan.dataset.n_classes, "labelled_images": n_pool,
               "held_out_images": int(np.mean([len(y) for y, _ in nested.groups[target]])),
               "groups_label": f"{len(plan.seeds)} seed(s) × {plan.resplits} re-split(s) "
                               f"({folds_for(plan.holdout)}-fold)",
-              "notes": nested.notes,
+              "notes": nested.notes, "setting": main,
+              "unlabeled": {m: (None if v is None else str(v)) for m, v in plan.unlabeled.items() if v is not None},
               "out_dir": str(out), "selection_seconds": nested.seconds, "refit_test_seconds": final.seconds}
     result = Recommendation(
         dataset=plan.dataset.name, metric=plan.metric, shots=target, budget=plan.budget,
@@ -940,6 +1208,13 @@ def _report(plan: _Plan, nested: _Nested, evidence: _Evidence, final: _Final, ou
         ci_high=float(chosen_row["ci_high"]), confidence=plan.confidence, table=table, pairwise=evidence.pairwise,
         model_dir=final.model_dir, summary="", excluded=plan.excluded, design=design,
         failed={plan.name(i): e for i, e in nested.failed.items()})
+    for g, lead in evidence.leaders.items():   # the other group's best, beside the choice, never mixed into it
+        if g != main:
+            row = table[(table["shots"] == target) & (table["candidate"] == plan.name(lead))].iloc[0]
+            result.other_group = {"setting": g, "candidate": row["candidate"], "method": row["method"],
+                                  "backbone": row["backbone"], "estimate": float(row["estimate"]),
+                                  "ci_low": float(row["ci_low"]), "ci_high": float(row["ci_high"]),
+                                  "test": float(row["test"]) if "test" in row else float("nan")}
     result.summary = summary_text(result)
     return result
 
@@ -949,12 +1224,14 @@ def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: i
               method_params: dict | None = None, resplits: int = 3, holdout: float = 1 / 3, n_boot: int = 2000,
               confidence: float = 0.95, boot_seed: int = 0, out_dir=None, split_dir=None, cache_dir=None,
               templates: Sequence[str] | None = None, device: str = "auto", score_test: bool = True,
-              rule: str = "mean") -> Recommendation:
+              rule: str = "mean", unlabeled=None) -> Recommendation:
     """Recommend a (backbone, method) for ``dataset`` from its labelled K-shot data (see the module docstring).
 
     ``dataset``: a :class:`~workbench.data.Dataset` or anything ``wb.load_dataset`` takes.
     ``backbones``: one or several :class:`~workbench.backbones.Backbone` objects or names
-    (``"name"`` or ``("name", "pretrained")``). ``methods``: candidate names (default: every
+    (``"name"`` or ``("name", "pretrained")``), or saved backbone folders (what a ``pairs`` method's
+    ``save(folder)`` writes: "adapt the backbone on my captions, then few-shot classify") — each one
+    more candidate backbone. ``methods``: candidate names (default: every
     registered method whose expected cost fits ``budget``). ``shots``: one K or several (the
     choice is made at the largest; the others draw the curve). ``metric``: default the dataset's
     primary metric. ``out_dir``: where the runs' provenance and the chosen model go (default: a
@@ -963,13 +1240,21 @@ def recommend(dataset, backbones, methods: Sequence[str] | None = None, shots: i
     :func:`selection_scores`); every rule's choice is also computed and kept in
     ``design["choice_by_rule"]`` (cheap: the fits are shared).
 
+    ``unlabeled`` (see :mod:`workbench.unlabeled`): the images nobody labelled, for the candidates that
+    use them (``transclip``, ``tda``; without it they run on ``"test"``, with a warning). Transductive
+    candidates (TDA; TransCLIP on ``"test"``) are ranked in their own group (``table["setting"]``,
+    ``Recommendation.other_group``, the summary), and in the cross-validation each is given the held-out
+    fold as its unlabeled pool, so its estimate is honest; a separate pool is resolved once per K-shot
+    split without its labelled images, as in the refit, which receives ``unlabeled=`` too.
+
     A candidate whose fit raises is named in a warning, left out of the choice and listed last
     in the ranking with its error (``table["error"]``, ``Recommendation.failed``); features that
     are NaN or inf stop with :class:`NonFiniteFeatures` naming the images.
     """
     plan = _plan(dataset, backbones, methods, shots, seeds, budget, metric, method_params=method_params,
                  resplits=resplits, holdout=holdout, n_boot=n_boot, confidence=confidence, boot_seed=boot_seed,
-                 split_dir=split_dir, cache_dir=cache_dir, templates=templates, device=device, rule=rule)
+                 split_dir=split_dir, cache_dir=cache_dir, templates=templates, device=device, rule=rule,
+                 unlabeled=unlabeled)
     nested = nested_selection(plan)                  # phase 1: support + validation only
     evidence = weigh_evidence(plan, nested)          # the choice is fixed here
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="workbench-recommend-"))
@@ -996,12 +1281,19 @@ def summary_text(rec: Recommendation) -> str:
                      f"({100 * chosen['selection_score']:.1f}%)",
            "p_best": f"the held-out estimate's bootstrap probability of being the best "
                      f"(P = {chosen['selection_score']:.2f})"}[rule]
-    parts = [f"With {rec.shots} image{'s' if rec.shots != 1 else ''} per class of {rec.dataset}, {rec.method} on "
+    per = rec.design.get("per", "class")   # "finding" on a multi-label dataset: K positives per finding
+    parts = [f"With {rec.shots} {'positive ' if per == 'finding' else ''}image{'s' if rec.shots != 1 else ''} per "
+             f"{per} of {rec.dataset}, {rec.method} on "
              f"{rec.backbone} is the best choice by {how}; held-out {name} {100 * rec.estimate:.1f}% "
              f"({conf}% CI {100 * rec.ci_low:.1f}–{100 * rec.ci_high:.1f}), from {rec.design['groups_label']} of the "
              f"~{rec.design['labelled_images']} labelled images (support + validation; the test split was not used "
              "to choose)."]
-    others = at_k[~at_k["chosen"]]
+    if "setting" in at_k:   # the other group (transductive / inductive) is described on its own below
+        group = at_k[at_k["setting"] == chosen["setting"]]
+        other = at_k[(at_k["setting"] != chosen["setting"]) & at_k.get("group_best", False)]
+    else:
+        group, other = at_k, at_k.iloc[:0]
+    others = group[~group["chosen"]]
     tied = others[others["p_chosen_beats"] < SIGNIFICANT]
     worse = others[others["p_chosen_beats"] >= SIGNIFICANT]
 
@@ -1023,11 +1315,22 @@ def summary_text(rec: Recommendation) -> str:
                      f"{SIGNIFICANT}).")
     if len(worse) and len(tied):
         parts.append(f"{len(worse)} other candidate(s) are significantly worse.")
+    if chosen.get("setting") == "transductive":
+        parts.append("It is transductive: its prediction for an image depends on the other images predicted with it "
+                     "(in the cross-validation each held-out fold was its own unlabeled pool), so it needs a batch "
+                     "of images to predict, and no inductive candidate was scored.")
+    for _, r in other.iterrows():
+        what = ("transductive: its prediction for an image depends on the other images predicted with it; in the "
+                "cross-validation each held-out fold was its own unlabeled pool" if r["setting"] == "transductive"
+                else "inductive")
+        parts.append(f"Ranked in their own group ({what}), the best {r['setting']} candidate is {r['method']} on "
+                     f"{r['backbone']}: held-out {name} {100 * r['estimate']:.1f}% ({conf}% CI "
+                     f"{100 * r['ci_low']:.1f}–{100 * r['ci_high']:.1f}); it is not mixed into the ranking above.")
     if rec.failed:
         parts.append("Failed, so left out of the choice: " + "; ".join(f"{c} ({e})" for c, e in rec.failed.items())
                      + ".")
     if not np.isnan(chosen["test"]):
-        best_test = at_k.sort_values("test", ascending=False).iloc[0]
+        best_test = group.sort_values("test", ascending=False).iloc[0]
         parts.append(f"On the test split, scored once after the choice, it reaches {100 * chosen['test']:.1f}%"
                      + (" — the best of all candidates there." if best_test["candidate"] == chosen["candidate"] else
                         f"; the best candidate by test was {best_test['method']} on {best_test['backbone']} "

@@ -50,6 +50,36 @@ def retrieval_row(pairs, backbone, method: str = "zero_shot", seed: int = 0, *, 
     return row
 
 
+def retrieval_run(pairs, backbone, method: str, seed: int, *, params: dict | None = None, cache=None, out_dir=None,
+                  domain: str | None = None) -> dict:
+    """One (method, seed) of the ``retrieval`` protocol, as :func:`compare_retrieval` and a sweep cell run it:
+    ``"zero_shot"`` scores ``backbone`` as it is; a ``pairs`` method is fitted on the train split (val for
+    WiSE-FT's α) and its fine-tuned backbone scored on test. Returns the row (``retrieval_row``)."""
+    from .methods.pairs.contrastive import fine_tune_pairs
+
+    if method == "zero_shot":
+        return retrieval_row(pairs, backbone, method, int(seed), cache=cache, out_dir=out_dir, domain=domain,
+                             fit_seconds=0.0, fit_info={"saw": "nothing (the backbone as it is)"})
+    t0 = time.perf_counter()
+    fitted = fine_tune_pairs(pairs, backbone, method, cache=cache, **{"seed": int(seed), **dict(params or {})})
+    return retrieval_row(pairs, backbone, method, int(seed), cache=cache, adapted=fitted.backbone_,
+                         fit_seconds=time.perf_counter() - t0, fit_info=fitted.fit_info, out_dir=out_dir,
+                         domain=domain)
+
+
+def check_retrieval_methods(pairs, methods: Sequence[str]) -> None:
+    """Refuse a classification dataset, or a method that cannot run on pairs, naming those that can."""
+    from .data.pairs import PairDataset
+    from .methods.registry import check_method_task
+
+    if not isinstance(pairs, PairDataset):
+        raise ConfigError(f"protocol 'retrieval' needs an image–text pair dataset (wb.load_pairs(...)); "
+                          f"{getattr(pairs, 'name', pairs)!r} is a classification dataset.")
+    for m in methods:
+        if m != "zero_shot":
+            check_method_task(m, "retrieval")
+
+
 def compare_retrieval(pairs, backbone, methods: Sequence[str], seeds: Sequence[int] = (0,), *, cache=None,
                       method_params: dict | None = None, out_dir=None, domain: str | None = None,
                       resume: bool = True):
@@ -61,18 +91,10 @@ def compare_retrieval(pairs, backbone, methods: Sequence[str], seeds: Sequence[i
     """
     import pandas as pd
 
-    from .data.pairs import PairDataset
     from .features import FeatureCache
-    from .methods.pairs.contrastive import fine_tune_pairs
-    from .methods.registry import check_method_task
     from .results import ResultsTable, make_cell
 
-    if not isinstance(pairs, PairDataset):
-        raise ConfigError(f"protocol 'retrieval' needs an image–text pair dataset (wb.load_pairs(...)); "
-                          f"{getattr(pairs, 'name', pairs)!r} is a classification dataset.")
-    for m in methods:
-        if m != "zero_shot":
-            check_method_task(m, "retrieval")
+    check_retrieval_methods(pairs, methods)
     unknown = sorted(set(method_params or {}) - set(methods))
     if unknown:
         raise ConfigError(f"method_params names {unknown}, which are not among the methods {list(methods)}.")
@@ -88,15 +110,8 @@ def compare_retrieval(pairs, backbone, methods: Sequence[str], seeds: Sequence[i
             if cell["cell_id"] in done:
                 rows.append(done[cell["cell_id"]])
                 continue
-            if m == "zero_shot":
-                row = retrieval_row(pairs, backbone, m, int(seed), cache=cache, out_dir=out_dir, domain=domain,
-                                    fit_seconds=0.0, fit_info={"saw": "nothing (the backbone as it is)"})
-            else:
-                t0 = time.perf_counter()
-                fitted = fine_tune_pairs(pairs, backbone, m, cache=cache, **{"seed": int(seed), **params})
-                row = retrieval_row(pairs, backbone, m, int(seed), cache=cache, adapted=fitted.backbone_,
-                                    fit_seconds=time.perf_counter() - t0, fit_info=fitted.fit_info,
-                                    out_dir=out_dir, domain=domain)
+            row = retrieval_run(pairs, backbone, m, int(seed), params=params, cache=cache, out_dir=out_dir,
+                                domain=domain)
             row.update({"cell_id": cell["cell_id"], "method_label": m})
             if table is not None:
                 table.append(row, replace=not resume)

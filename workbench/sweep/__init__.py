@@ -12,6 +12,12 @@
     devices: [0, 1]                        # or "all": one worker per GPU, each pinned to its GPU
     engine: local                          # or dask (a LocalCluster, or dask_address of a running one)
     runner: function                       # or notebook: each cell is a papermill run of `notebook`
+    unlabeled: test                        # images nobody labelled, for transclip / tda (see workbench.unlabeled)
+    protocol: default                      # or paper, base_to_new, retrieval (pair datasets run it anyway)
+
+Task kinds: every method is checked against every dataset's kind (:mod:`workbench.task_kinds`) before
+any encoding; a multi-label dataset's cells use its greedy K-positives splits and keep its columns; a pair
+dataset (``domains/*/pairs/*.yaml``) runs one ``retrieval`` row per (backbone, method, seed) in the same table.
 
 How it behaves:
 

@@ -42,10 +42,16 @@ def _backbone_and_cache(cell: dict, settings: dict, device: str | None = None):
 
 def _dataset(name: str):
     from ..domains import load_dataset
+    from .spec import is_pair_entry
 
     key = ("dataset", name)
     if key not in _STATE:
-        _STATE[key] = load_dataset(name)  # a YAML name, or a folder / CSV / .npz / YAML path
+        if is_pair_entry(name):   # an image–text pair YAML: its cells run the retrieval protocol
+            from ..data.pairs import load_pairs
+
+            _STATE[key] = load_pairs(name)
+        else:
+            _STATE[key] = load_dataset(name)  # a YAML name, or a folder / CSV / .npz / YAML path
     return _STATE[key]
 
 
@@ -56,14 +62,17 @@ def pool_samples(dataset, shots, seeds, split_dir) -> list:
     The splits are drawn here (and saved in ``split_dir``), so the cells reuse the same files. A
     (K, seed) whose split cannot be drawn is left out: its cells meet the same error and record it.
     """
+    from ..data.multilabel import is_multi_label, sample_multilabel_few_shot
     from ..data.sampling import sample_few_shot
     from ..errors import DataError
 
+    # a multi-label dataset's cells draw the greedy K-positives split (the same files run_experiment reads)
+    sample = sample_multilabel_few_shot if is_multi_label(dataset) else sample_few_shot
     wanted = {s.id for s in dataset.splits.get("test", [])}
     for k in shots:
         for seed in seeds:
             try:
-                split = sample_few_shot(dataset, k, seed, split_dir=split_dir)
+                split = sample(dataset, k, seed, split_dir=split_dir)
             except (DataError, ConfigError):
                 continue
             wanted.update(split.train_ids)
@@ -73,13 +82,59 @@ def pool_samples(dataset, shots, seeds, split_dir) -> list:
 
 def _pool(cache, dataset, settings: dict):
     """Encode (or load from the cache folder) the sweep's pool of ``dataset``: what its cells need."""
-    if settings.get("protocol", "default") != "default":
-        return None  # see encode_pools
+    if settings.get("protocol", "default") != "default" or dataset_kind(dataset) == "retrieval":
+        return None  # see encode_pools; a pair dataset's cells encode their own images and captions
     key = ("pooled", id(cache), dataset.fingerprint())
     if key not in _STATE:  # once per process: the split files are read once, not once per cell
         samples = pool_samples(dataset, settings["shots"], settings["seeds"], Path(settings["output_dir"]) / "splits")
         _STATE[key] = cache.pool(dataset, samples)
     return _STATE[key]
+
+
+def dataset_kind(dataset) -> str:
+    """The task kind of a loaded dataset (:mod:`workbench.task_kinds`): its ``task``, single-label if none."""
+    from ..task_kinds import task_kind
+
+    return task_kind(getattr(dataset, "task", None) or "single_label").name
+
+
+def check_task_kinds(spec: SweepSpec, load_errors: dict | None = None) -> dict:
+    """Before any encoding: every method of the spec against the task kind of every dataset
+    (:func:`~workbench.methods.registry.check_method_task`); returns {dataset: kind}.
+
+    Loads the datasets (kept for the cells); one that cannot be loaded goes into ``load_errors``
+    (its cells are recorded as failures by the driver). A method that does not support a dataset's
+    kind is a ConfigError naming each such (dataset, method) pair and the methods that support the
+    kind: a multi-label set needs multi-label methods, a pair set the retrieval ones.
+    """
+    from ..methods.registry import check_method_task
+
+    load_errors = {} if load_errors is None else load_errors
+    kinds, problems = {}, []
+    for d in spec.datasets:
+        if d in load_errors:
+            continue
+        try:
+            dataset = _dataset(d)
+        except Exception as err:
+            load_errors[d] = f"{type(err).__name__}: dataset could not be loaded: {err}"
+            continue
+        kinds[d] = dataset_kind(dataset)
+        if spec.protocol == "retrieval" and kinds[d] != "retrieval":
+            problems.append(f"dataset {d!r} ({kinds[d]}): protocol 'retrieval' needs an image–text pair dataset "
+                            "(a YAML under domains/*/pairs/, or one with task: retrieval).")
+            continue
+        for m in dict.fromkeys(m["name"] for m in spec.methods):
+            if kinds[d] == "retrieval" and m == "zero_shot":
+                continue   # the backbone as it is: scored on the pairs' retrieval
+            try:
+                check_method_task(m, kinds[d])
+            except ConfigError as err:
+                problems.append(f"dataset {d!r} ({kinds[d]}): {err}")
+    if problems:
+        raise ConfigError("sweep: some methods cannot run on some datasets' task kind (nothing was encoded); give "
+                          "each kind its own sweep, or drop these methods:\n  " + "\n  ".join(problems))
+    return kinds
 
 
 def encode_pools(spec: SweepSpec, settings: dict, load_errors: dict | None = None) -> dict:
@@ -100,7 +155,7 @@ def encode_pools(spec: SweepSpec, settings: dict, load_errors: dict | None = Non
         return counts  # its cells read re-split or class-subset datasets, which a pool of this one cannot serve
     for b in spec.backbones:
         for d in spec.datasets:
-            if d in load_errors:
+            if d in load_errors or dataset_kind(_dataset(d)) == "retrieval":
                 continue
             cell = {"backbone": b["name"], "pretrained": b.get("pretrained") or ""}
             backbone, cache = _backbone_and_cache(cell, settings)
@@ -132,7 +187,13 @@ def run_cell(cell: dict, settings: dict) -> dict:
             _pool(cache, dataset, settings)  # a disk hit after encode_pools: slices serve every request below
             before = cache.stats["images_encoded"]
             try:
-                if cell.get("protocol") == "base_to_new":
+                if cell.get("protocol") == "retrieval":   # one row of the same results table (workbench.record)
+                    from ..retrieval_runs import check_retrieval_methods, retrieval_run
+
+                    check_retrieval_methods(dataset, [cell["method"]])
+                    row = retrieval_run(dataset, backbone, cell["method"], cell["seed"], params=cell["params"],
+                                        cache=cache, out_dir=settings["output_dir"])
+                elif cell.get("protocol") == "base_to_new":
                     from ..protocols import base_to_new_row
 
                     row = base_to_new_row(dataset, backbone, cell["method"], cell["shots"], cell["seed"], cache=cache,
@@ -143,7 +204,7 @@ def run_cell(cell: dict, settings: dict) -> dict:
                     row = run_experiment(dataset, backbone, cell["method"], cell["shots"], cell["seed"], cache=cache,
                                          templates=cell["templates"], method_params=cell["params"] or None,
                                          split_dir=Path(settings["output_dir"]) / "splits", out_dir=settings["output_dir"],
-                                         protocol=cell.get("protocol", "default")).row
+                                         protocol=cell.get("protocol", "default"), unlabeled=cell.get("unlabeled")).row
             finally:
                 cache.clear_views()   # augmented views are this cell's alone; eval features and pools stay
             encoded = cache.stats["images_encoded"] - before

@@ -110,6 +110,8 @@ def sweep(spec: SweepSpec | dict | str | os.PathLike, *, workers: int | None = N
                 _probe.check_shared_folders(client, _probe.shared_folders(spec, out),
                                      read_only=[d for d in spec.datasets if os.path.isabs(d)])
         load_errors: dict = {}
+        if todo and spec.runner == "function":   # a method of another task kind: refused before any encoding
+            _cell.check_task_kinds(spec, load_errors)
         pool_encoded = (sum(_cell.encode_pools(spec, settings, load_errors).values())
                         if (todo and spec.runner == "function") else 0)
         for cell in [c for c in todo if c["dataset"] in load_errors]:  # recorded, not run

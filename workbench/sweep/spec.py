@@ -17,7 +17,7 @@ from ..results import make_cell
 from .devices import _check_devices_syntax
 
 SPEC_KEYS = {"datasets", "backbones", "methods", "shots", "seeds", "output_dir", "workers", "engine", "dask_address",
-             "runner", "notebook", "device", "devices", "templates", "protocol"}
+             "runner", "notebook", "device", "devices", "templates", "protocol", "unlabeled"}
 
 
 @dataclass
@@ -36,8 +36,12 @@ class SweepSpec:
     device: str = "auto"
     devices: list | str | None = None
     templates: list | None = None
-    #: "default", "paper" or "base_to_new" (see workbench.protocols; cross-dataset needs compare(targets=...))
+    #: "default", "paper", "base_to_new" or "retrieval" (see workbench.protocols; cross-dataset needs
+    #: compare(targets=...)); a pair dataset (domains/*/pairs/*.yaml) runs the retrieval protocol whatever it says
     protocol: str = "default"
+    #: images nobody labelled, for the methods that use them (``transclip``, ``tda``): ``"test"`` (transductive),
+    #: a split name, a folder, CSV or ``.npz`` (see workbench.unlabeled); part of those methods' cell keys
+    unlabeled: str | None = None
     #: run a ``notebook`` outside ``notebooks/``: only from code or the command line, never from a spec file
     #: (a shared spec must not opt itself in to running a notebook, which is code, from anywhere)
     allow_notebook_outside: bool = False
@@ -83,14 +87,20 @@ class SweepSpec:
                 isinstance(t, str) and "{}" in t for t in self.templates)):
             raise ConfigError(f"sweep: 'templates' must be a list of strings with a {{}} for the class name, "
                               f"got {self.templates!r}.")
-        if self.protocol not in ("default", "paper", "base_to_new"):
-            raise ConfigError(f"sweep: 'protocol' must be 'default', 'paper' or 'base_to_new', got {self.protocol!r}"
+        if self.protocol not in ("default", "paper", "base_to_new", "retrieval"):
+            raise ConfigError(f"sweep: 'protocol' must be 'default', 'paper', 'base_to_new' or 'retrieval', got "
+                              f"{self.protocol!r}"
                               + (" (cross-dataset runs need targets: wb.compare(..., protocol='cross_dataset', "
                                  "targets=[...]))." if self.protocol == "cross_dataset" else "."))
+        self._check_unlabeled()
         if self.protocol != "default" and self.runner == "notebook":
             raise ConfigError("sweep: runner 'notebook' runs the default protocol only; use runner 'function'.")
         if self.runner == "notebook":
             notebook_path(self.notebook, self.allow_notebook_outside)
+            pairs = [d for d in self.datasets if is_pair_entry(d)]
+            if pairs:
+                raise ConfigError(f"sweep: runner 'notebook' runs classification cells; {pairs} are image–text pair "
+                                  "datasets (retrieval rows): use runner 'function'.")
         for m in self.methods:
             if m.get("label") is not None:
                 check_name(m["label"], f"method {m['name']!r}: 'label'")
@@ -105,6 +115,49 @@ class SweepSpec:
             if n is not None and self.workers > 1 and self.workers != n:
                 raise ConfigError(f"sweep: 'devices' runs one worker per device ({n}); 'workers: {self.workers}' "
                                   "disagrees. Leave 'workers' out, or list as many devices as workers.")
+
+    def _check_unlabeled(self) -> None:
+        """``unlabeled``: its type, "test" under the inductive paper protocol (also when a method that uses
+        unlabeled images would fall back to it), TDA with a pool that is not the test stream — before any cell."""
+        from ..methods import method_class
+        from ..unlabeled import check_unlabeled
+
+        if self.unlabeled is not None and self.protocol not in ("default", "paper"):
+            raise ConfigError(f"sweep: 'unlabeled' applies to the standard few-shot protocols, not {self.protocol!r}.")
+        if self.unlabeled is not None and self.runner == "notebook":
+            raise ConfigError("sweep: runner 'notebook' passes no unlabeled pool; use runner 'function'.")
+        where = "sweep ('unlabeled')"
+        check_unlabeled(self.unlabeled, self.protocol, where)
+        users = []
+        for m in self.methods:
+            check_unlabeled(self.unlabeled, self.protocol, where, method=method_class(m["name"]))
+            if getattr(method_class(m["name"]), "uses_unlabeled", None):
+                users.append(m["name"])
+        if self.unlabeled is None and users:
+            import warnings
+
+            warnings.warn(f"sweep: {sorted(set(users))} use images nobody labelled and the spec names none "
+                          "('unlabeled'): they run transductively on the test images (unlabeled: test) and their rows "
+                          "say transductive=True. Set 'unlabeled' to choose.", stacklevel=3)
+        elif self.unlabeled is not None and str(self.unlabeled) != "test" and _looks_like_path(str(self.unlabeled)):
+            # a folder / CSV / npz: made absolute, so that every worker and every rerun reads the same images
+            path = Path(str(self.unlabeled)).expanduser()
+            for candidate in ((path,) if path.is_absolute() else (Path.cwd() / path, repo_root() / path)):
+                if candidate.exists():
+                    self.unlabeled = str(candidate.resolve())
+                    break
+            else:
+                raise ConfigError(f"sweep: 'unlabeled' {str(self.unlabeled)!r} does not exist (looked in {Path.cwd()} "
+                                  f"and {repo_root()}); give an image folder, CSV or .npz, a split name, or 'test'.")
+
+    def unlabeled_for(self, method: str):
+        """What ``method``'s cells are given: None for an inductive method; else ``unlabeled``, or ``"test"`` (the
+        transductive setting, as compare() does) when the spec names none."""
+        from ..methods import method_class
+
+        if not getattr(method_class(method), "uses_unlabeled", None):
+            return None
+        return "test" if self.unlabeled is None else str(self.unlabeled)
 
     @classmethod
     def from_yaml(cls, path, **overrides) -> "SweepSpec":
@@ -148,6 +201,11 @@ def _check_dataset(entry, index: int) -> str:
 
     entry = str(entry)
     if not _looks_like_path(entry):
+        if is_pair_entry(entry):   # an image–text pair YAML (domains/*/pairs/*.yaml): the retrieval protocol
+            from ..data.pairs import load_pair_spec
+
+            check_name(load_pair_spec(entry).get("name", entry), f"datasets[{index}] {entry!r}: the YAML's 'name'")
+            return entry
         # unknown name or a YAML that breaks the schema -> a ConfigError naming it; its name becomes a path
         check_name(load_spec(entry).get("name", entry), f"datasets[{index}] {entry!r}: the YAML's 'name'")
         return entry
@@ -155,12 +213,34 @@ def _check_dataset(entry, index: int) -> str:
     for candidate in ((path,) if path.is_absolute() else (Path.cwd() / path, repo_root() / path)):
         if candidate.exists():
             if candidate.suffix.lower() in (".yaml", ".yml"):
-                check_name(load_spec(candidate).get("name", candidate.stem),
-                           f"datasets[{index}] {entry!r}: the YAML's 'name'")
+                from ..data.pairs import load_pair_spec
+
+                spec = load_pair_spec(candidate) if is_pair_entry(str(candidate)) else load_spec(candidate)
+                check_name(spec.get("name", candidate.stem), f"datasets[{index}] {entry!r}: the YAML's 'name'")
             return str(candidate.resolve())
     raise ConfigError(f"sweep: datasets[{index}] {entry!r} does not exist (looked in {Path.cwd()} and "
                       f"{repo_root()}). Give an existing folder, CSV, .npz or dataset YAML, or a dataset name "
                       "from `workbench datasets`.")
+
+
+def is_pair_entry(entry: str) -> bool:
+    """Whether a dataset entry names an image–text pair dataset: a YAML name under ``domains/*/pairs/``, or a
+    YAML file whose ``task`` is the retrieval kind (read through the safe YAML reader; nothing is loaded)."""
+    from ..data.pairs import pair_specs_dir
+    from ..task_kinds import task_kind
+
+    entry = str(entry)
+    if not _looks_like_path(entry):
+        return entry in {p.stem for p in pair_specs_dir()}
+    path = Path(entry)
+    if path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
+        return False
+    data = load_yaml(path, what="dataset YAML")
+    task = data.get("task") if isinstance(data, dict) else None
+    try:
+        return task is not None and task_kind(str(task)).name == "retrieval"
+    except ConfigError:
+        return False
 
 
 def check_name(name, what: str) -> str:
@@ -207,8 +287,22 @@ def notebook_path(notebook, allow_outside: bool = False) -> Path:
 
 
 def cells(spec: SweepSpec) -> list[dict]:
-    """Every (dataset, backbone, method, K, seed) of the grid, each with a stable ``cell_id``."""
-    return [make_cell(d, b["name"], b.get("pretrained"), m["name"], k, s, label=m.get("label"),
-                      params=m.get("params"), templates=spec.templates, runner=spec.runner, protocol=spec.protocol)
-            for d in spec.datasets for b in spec.backbones for m in spec.methods for k in spec.shots
-            for s in spec.seeds]
+    """Every (dataset, backbone, method, K, seed) of the grid, each with a stable ``cell_id``.
+
+    A method that uses unlabeled images has its pool in the key (``unlabeled``, as compare() keys it), so
+    a sweep with another pool is another cell; inductive methods keep their keys. A pair dataset (or
+    ``protocol: retrieval``) has one ``retrieval`` cell per (backbone, method, seed): K does not apply
+    (``shots`` 0, as compare(protocol="retrieval") keys it).
+    """
+    out = []
+    for d in spec.datasets:
+        retrieval = spec.protocol == "retrieval" or is_pair_entry(d)
+        for b in spec.backbones:
+            for m in spec.methods:
+                for k in ([0] if retrieval else spec.shots):
+                    for s in spec.seeds:
+                        out.append(make_cell(d, b["name"], b.get("pretrained"), m["name"], k, s, label=m.get("label"),
+                                             params=m.get("params"), templates=spec.templates, runner=spec.runner,
+                                             protocol="retrieval" if retrieval else spec.protocol,
+                                             extra={"unlabeled": None if retrieval else spec.unlabeled_for(m["name"])}))
+    return out
