@@ -103,3 +103,76 @@ def test_dualcoop_learns_on_tiny_mosaic_and_scores_the_pair_softmax(ml_task, bac
     again = Method.load(tmp_path / "dc")
     assert torch.equal(again.predict_logits(sup.x), logits)
     assert again.fit_info["thresholds"] == m.fit_info["thresholds"]
+
+
+# -- CLIP-LoRA and CLIP-SVD on multi-label tasks: the text head decided by the task kind --------------
+
+def test_multi_label_head_is_the_pair_softmax_with_masked_bce_float64():
+    from workbench.methods.heads import text_head
+
+    g = torch.Generator().manual_seed(1)
+    head = text_head("multi-label", ["a", "b", "c"], ["x {}.", "y {}."])
+    assert head.prompts() == ["x a.", "y a.", "x b.", "y b.", "x c.", "y c.",
+                              "x no a.", "y no a.", "x no b.", "y no b.", "x no c.", "y no c."]
+    img = torch.nn.functional.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(6, 8, generator=g, dtype=torch.float64), dim=-1)
+    y = torch.tensor([[1, 0, -1], [0, 0, 1], [1, 1, 0], [-1, 0, 0], [0, 1, 1]])
+    logits = head.logits(img, text, 5.0, bias=3.0)
+    f, t = img.numpy(), text.numpy()
+    s_pos, s_neg = 5 * f @ t[:3].T, 5 * f @ t[3:].T
+    p = np.exp(s_pos) / (np.exp(s_pos) + np.exp(s_neg))            # softmax over the pair; the bias cancels
+    np.testing.assert_allclose(torch.sigmoid(logits).numpy(), p, rtol=1e-12)
+    yn = y.numpy()
+    known = yn >= 0
+    bce = -(yn * np.log(p) + (1 - yn) * np.log(1 - p))
+    assert float(head.loss(logits, y)) == pytest.approx(bce[known].mean(), rel=1e-10)
+    single = text_head("single_label", ["a", "b", "c"], ["x {}."])
+    assert single.prompts() == ["x a.", "x b.", "x c."]
+    with pytest.raises(ConfigError, match="exactly one"):
+        text_head("multi_label", ["a"], ["{}"], negative="no finding")
+
+
+@pytest.mark.parametrize("name, params", [
+    ("clip_lora", {"iterations": 8, "lr": 2e-2, "batch_size": 8, "dropout": 0.0}),
+    ("clip_svd", {"iterations": 8, "lr": 2e-2, "batch_size": 8}),
+])
+def test_weight_methods_learn_a_multi_label_task_with_bce(name, params, ml_task, backbone, small_mosaic, tmp_path):
+    from workbench.methods.base import Method
+
+    m = wb.get_method(name, templates=["aerial imagery of {}."], **params).fit(ml_task)
+    info = m.fit_info
+    assert info["task"] == "multi_label" and "binary cross-entropy" in info["loss"]
+    assert info["epoch_loss"][-1] < 0.9 * info["epoch_loss"][0]
+    # the same encoder surgery as on a single-label task: the trainable count does not depend on the head
+    single = wb.get_method(name)._build(backbone)[0]
+    assert info["trainable_parameters"] == sum(p.numel() for p in single.parameters() if p.requires_grad)
+    assert len(info["thresholds"]) == 5 and info["thresholds_from"].startswith("best F1")
+    pixels = torch.stack([backbone.preprocess(small_mosaic.load_image(s)) for s in small_mosaic.split("test")[:4]])
+    feats = m.image_backbone(backbone).encode_images(pixels)
+    logits = m.predict_logits(feats)
+    assert logits.shape == (4, 5)
+    n = 5
+    want = m.scale * (feats.float() @ m.text_weights[:n].T - feats.float() @ m.text_weights[n:].T)
+    torch.testing.assert_close(logits, want)
+    m.save(tmp_path / name)
+    again = Method.load(tmp_path / name, backbone=backbone)
+    torch.testing.assert_close(again.predict_logits(again.image_backbone(backbone).encode_images(pixels)), logits)
+    assert again.predict_findings(feats) == m.predict_findings(feats)
+
+
+def test_clip_lora_multi_label_run_row_and_predictor(backbone, small_mosaic, tmp_path, quiet):
+    cache = wb.FeatureCache(backbone, tmp_path / "f", show_progress=False)
+    res = wb.run_experiment(small_mosaic, backbone, "clip_lora", 2, 1, cache=cache, out_dir=tmp_path / "out",
+                            save_model=True, method_params={"iterations": 4, "batch_size": 8,
+                                                            "templates": ["aerial imagery of {}."]})
+    assert res.row["task"] == "multi_label" and 0 <= res.row["macro_auroc"] <= 1
+    # test features come from the adapted image encoder, not the frozen cache
+    pixels = torch.stack([backbone.preprocess(small_mosaic.load_image(s)) for s in small_mosaic.split("test")[:3]])
+    feats = res.method.image_backbone(backbone).encode_images(pixels)
+    torch.testing.assert_close(res.logits[:3], res.method.predict_logits(feats), atol=1e-5, rtol=1e-4)
+    table = wb.load(res.model_dir, device="cpu").predict([small_mosaic.load_image(s)
+                                                          for s in small_mosaic.split("test")[:3]])
+    assert list(table.columns[2:]) == small_mosaic.class_names
+    thr = dict(zip(small_mosaic.class_names, res.method.fit_info["thresholds"]))
+    for _, r in table.iterrows():
+        assert r["findings"] == [c for c in small_mosaic.class_names if r[c] >= thr[c]]
