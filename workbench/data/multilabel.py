@@ -341,6 +341,50 @@ def from_npz_multilabel(path, *, class_names: Sequence[str], name: str | None = 
                              source={"kind": "npz", "path": str(path), "task": "multi_label"}, **meta)
 
 
+def from_hub_tables_multilabel(tables, *, reader, where: str, label_column: str, element, findings, no_finding: str,
+                               class_names, groups: dict, name: str, test_fraction: float, split_seed: int,
+                               source: dict, **meta) -> MultiLabelDataset:
+    """The multi-label branch of :func:`workbench.data.sources.from_hub`: ``tables`` (split -> ``datasets``
+    table) whose ``label_column`` holds a list per row, of names or of ``ClassLabel`` ids (``element``)."""
+    names_of = getattr(element, "int2str", None) if type(element).__name__ == "ClassLabel" else None
+    lists = {}
+    for split, table in tables.items():
+        rows = []
+        for i, value in enumerate(table[label_column]):
+            if value is None:
+                value = []
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise DataError(f"{where}, split {split!r} row {i}: column {label_column!r} holds {value!r}, not a "
+                                "list of findings; a multi-label Hub column needs a list per row ([] = no finding).")
+            items = [str(names_of(int(v)) if names_of else v).strip() for v in value]
+            rows.append([x for x in items if x and x != no_finding])
+        lists[split] = rows
+    seen = sorted({x for rows in lists.values() for items in rows for x in items})
+    class_ids = [str(f) for f in findings] if findings is not None else seen
+    unknown = sorted(set(seen) - set(class_ids))
+    if unknown:
+        split, i = next((sp, k) for sp, rows in lists.items() for k, items in enumerate(rows) if unknown[0] in items)
+        raise DataError(f"{where}, split {split!r} row {i}: finding {unknown[0]!r} is not in findings={class_ids}; "
+                        "add it to the findings (the YAML's classes) or fix the row." + did_you_mean(unknown[0], class_ids))
+    if not class_ids:
+        raise DataError(f"{where}: no finding found in column {label_column!r}.")
+    index = {c: j for j, c in enumerate(class_ids)}
+    splits = {}
+    for split, rows in lists.items():
+        samples = []
+        for i, items in enumerate(rows):
+            t = [0] * len(class_ids)
+            for x in items:
+                t[index[x]] = 1
+            samples.append(MultiLabelSample(f"{split}/{i}", -1, (split, i), tuple(t)))
+        splits[split] = samples
+    notes: list[str] = []
+    splits = _finish(name, splits, test_fraction, split_seed, notes)
+    return MultiLabelDataset(name=name, class_ids=class_ids,
+                             class_names=resolve_class_names(class_ids, class_names, where=where), splits=splits,
+                             reader=reader, source=source, notes=notes, groups=groups, **meta)
+
+
 # -- few-shot sampling ------------------------------------------------------------------------
 
 def _greedy(pool: list[Sample], k: int, rng: random.Random, n: int) -> list[Sample]:
