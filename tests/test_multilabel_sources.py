@@ -127,3 +127,21 @@ def test_multi_label_yaml_with_a_hub_source_and_groups(hub_lists, tmp_path):
     spec["source"]["groups"] = ["age"]
     with pytest.raises(DataError, match=r"no column 'age' \(set by groups\)"):
         dataset_from_spec(spec)
+
+
+def test_offline_mosaic_set_supports_k_up_to_8_and_refuses_16():
+    import warnings
+
+    import workbench as wb
+    from workbench.data.multilabel import sample_multilabel_few_shot
+
+    ds = wb.load_dataset("whu_rs19_mosaic")
+    counts = ds.counts()
+    assert counts["train"].min() >= 15 and counts["test"].min() >= 6      # balanced: every finding is testable
+    for seed in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")                                   # no validation shortfall either
+            split = sample_multilabel_few_shot(ds, 8, seed)
+        assert min(split.per_class.values()) >= 8
+    with pytest.raises(DataError, match="positive"):
+        sample_multilabel_few_shot(ds, 16, 1)

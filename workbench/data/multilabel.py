@@ -487,13 +487,15 @@ class MosaicReader(Reader):
         return out
 
 
-def mosaic_dataset(folder, *, n_images: int = 120, seed: int = 0, name: str = "whu_rs19_mosaic",
+def mosaic_dataset(folder, *, n_images: int = 200, seed: int = 0, name: str = "whu_rs19_mosaic",
                    classes: Sequence[str] | None = None, class_names=None, test_fraction: float = 0.3,
                    tile_size: int = 112, **meta) -> MultiLabelDataset:
     """2x2 mosaics of scene images from a class-per-folder set (the bundled WHU-RS19 mini).
 
-    Each mosaic picks 1–3 distinct scene classes (uniform), fills the four tiles with images of
-    them (each chosen class at least once), and its findings are the classes present — the shape
+    Each mosaic picks 1–3 distinct scene classes (how many: uniform; which: those with the fewest
+    positives so far in its split, ties in seeded random order, so every finding gets about the same
+    number of positives — with 19 classes, 200 mosaics give 15–16 training positives each: K ≤ 8),
+    fills the four tiles with images of them (each chosen class at least once), and its findings are the classes present — the shape
     of MLRSNet's labels (several land covers per tile; MLRSNet has 1–13, here 1–3). Tiles of one
     source image never appear in two splits: the source images are split first (by image, seeded)
     and each split's mosaics draw only from its own images. A synthetic metadata column ``site``
@@ -520,10 +522,16 @@ def mosaic_dataset(folder, *, n_images: int = 120, seed: int = 0, name: str = "w
     splits: dict[str, list] = {"train": [], "test": []}
     groups = {"site": {}}
     n_test_img = int(round(n_images * test_fraction))
+    used = {"train": [0] * len(class_ids), "test": [0] * len(class_ids)}   # positives so far, per split
     for i in range(n_images):
         split = "test" if i < n_test_img else "train"
         k = rng.randint(1, 3)
-        present = rng.sample(range(len(class_ids)), k)
+        # balanced: the k classes with the fewest positives in this split so far (ties in seeded random order),
+        # so every finding gets about the same number of positives in each split
+        order = rng.sample(range(len(class_ids)), len(class_ids))
+        present = sorted(order, key=lambda c: used[split][c])[:k]
+        for c in present:
+            used[split][c] += 1
         tiles = present + [rng.choice(present) for _ in range(4 - k)]
         rng.shuffle(tiles)
         ref = tuple(rng.choice(source_split[class_ids[c]][split]) for c in tiles)
