@@ -145,3 +145,25 @@ def test_offline_mosaic_set_supports_k_up_to_8_and_refuses_16():
         assert min(split.per_class.values()) >= 8
     with pytest.raises(DataError, match="positive"):
         sample_multilabel_few_shot(ds, 16, 1)
+
+
+def test_the_three_csv_readers_share_one_reader_and_its_errors(tmp_path):
+    """Single-label, multi-label and pair CSVs: the same encoding and missing-column errors (data/csvfile.py)."""
+    from workbench.data.multilabel import from_csv_multilabel
+    from workbench.data.pairs import pairs_from_csv
+    from workbench.data.sources import from_csv
+
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes("path,label,Edema,caption\nx.png,caf\xe9,1,a\n".encode("latin-1"))
+    calls = [lambda: from_csv(bad), lambda: from_csv_multilabel(bad, findings=["Edema"]),
+             lambda: pairs_from_csv(bad, image_column="path", caption_columns="caption")]
+    for call in calls:
+        with pytest.raises(DataError, match=r"is not valid utf-8-sig text \(byte \d+ is .*encoding='latin-1'"):
+            call()
+    good = tmp_path / "good.csv"
+    good.write_text("file,label,Edema,caption\nx.png,a,1,a\n")
+    for call, param in [(lambda: from_csv(good), "path_column"),
+                        (lambda: from_csv_multilabel(good, findings=["Edema"]), "path_column"),
+                        (lambda: pairs_from_csv(good, image_column="path", caption_columns="caption"), "image_column")]:
+        with pytest.raises(DataError, match=rf"has no column 'path' \(set by {param}\); its columns are \['file'"):
+            call()

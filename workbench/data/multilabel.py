@@ -32,7 +32,6 @@ subgroup audit (:mod:`workbench.audit`); they never enter fitting.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -46,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
+from .csvfile import read_csv, require_columns
 from .dataset import Dataset, Reader, Sample, probe_image, resolve_class_names, validate_class_names
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
@@ -163,17 +163,6 @@ def _finish(name, splits, test_fraction, split_seed, notes):
 
 # -- sources ------------------------------------------------------------------------------------
 
-def _read_rows(path: Path, encoding: str):
-    try:
-        with open(path, newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            return [c for c in (reader.fieldnames or [])], rows
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"CSV {str(path)!r} cannot be read ({type(err).__name__}: {err}); check the encoding "
-                        "(encoding='latin-1' for older Excel files).") from None
-
-
 def _cell(value, policy: str, where: str, column: str) -> int:
     v = str(value if value is not None else "").strip()
     if v in _POSITIVE:
@@ -215,14 +204,11 @@ def from_csv_multilabel(path, *, name: str | None = None, path_column: str = "pa
                           "finding) or label_column=... with label_separator='|' (a list per row).")
     root = Path(root).expanduser() if root else path.parent
     name = name or path.stem
-    columns, rows = _read_rows(path, encoding)
+    columns, rows = read_csv(path, encoding)
     need = [(path_column, "path_column"), (split_column, "split_column")]
     need += [(label_column or "", "label_column")] if list_mode else [(f, "findings") for f in findings]
     need += [(g, "groups") for g in groups]
-    for col, what in need:
-        if col is not None and col not in columns:
-            raise DataError(f"CSV {str(path)!r} has no column {col!r} (named by {what}); its columns are {columns}."
-                            + did_you_mean(col, columns))
+    require_columns(columns, need, f"CSV {str(path)!r}")
     if not rows:
         raise DataError(f"CSV {str(path)!r} has no rows.")
     where = lambda i: f"CSV {str(path)!r} row {i + 2}"  # noqa: E731

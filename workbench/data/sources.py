@@ -8,7 +8,6 @@ test images are the same for every few-shot seed and every method.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
+from .csvfile import read_csv, require_columns
 from .dataset import (ArrayReader, Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
                       resolve_class_names, stratified_holdout)
 from .hub import cache_only, offline_message, offline_reason
@@ -223,22 +223,6 @@ def from_folder(root, *, name: str | None = None, class_names=None, layout: str 
 MISSING_LABELS = {"", "nan", "none", "null", "na", "n/a", "<na>", "#n/a"}
 
 
-def _read_csv_rows(path: Path, encoding: str) -> tuple[list[str], list[dict]]:
-    try:
-        with path.open(newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
-    except UnicodeDecodeError as err:
-        raise DataError(f"CSV {str(path)!r} is not valid {encoding} text (byte {err.start} is "
-                        f"{err.object[err.start:err.start + 1]!r}). It was probably saved as latin-1 / Windows-1252 "
-                        "(Excel does this): pass encoding='latin-1' (or the file's real encoding).") from None
-    except LookupError:
-        raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. 'utf-8', "
-                          "'latin-1', 'cp1252').") from None
-    except csv.Error as err:
-        raise DataError(f"CSV {str(path)!r} cannot be parsed: {err}. Is it a CSV file?") from None
-
-
 def from_csv(path, *, name: str | None = None, path_column: str = "path", label_column: str = "label",
              split_column: str | None = None, root=None, classes: Sequence[str] | None = None,
              class_names=None, test_fraction: float = 0.3, split_seed: int = 0, check_images: bool = True,
@@ -274,12 +258,9 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
         raise DataError(f"CSV manifest {str(path)!r} does not exist.")
     root = Path(root).expanduser() if root else path.parent
     name = name or path.stem
-    columns, rows = _read_csv_rows(path, encoding)
-    for col, what in ((path_column, "path_column"), (label_column, "label_column"),
-                      (split_column, "split_column"), *((g, "groups") for g in group_columns)):
-        if col is not None and col not in columns:
-            raise DataError(f"CSV {str(path)!r} has no column {col!r} (set by {what}); its columns are "
-                            f"{columns}." + did_you_mean(col, columns))
+    columns, rows = read_csv(path, encoding)
+    require_columns(columns, ((path_column, "path_column"), (label_column, "label_column"),
+                              (split_column, "split_column"), *((g, "groups") for g in group_columns)), f"CSV {str(path)!r}")
     if not rows:
         raise DataError(f"CSV {str(path)!r} has no rows.")
     explicit = {str(c) for c in classes} if classes is not None else set()
@@ -581,11 +562,8 @@ def from_hub(repo_id, *, image_column: str = "image", label_column: str | Sequen
     columns = list(first.column_names)
     label_columns = [label_column] if isinstance(label_column, str) else list(label_column)
     group_columns = [str(g) for g in (groups or ())]
-    for col, what in ([(image_column, "image_column")] + [(c, "label_column") for c in label_columns]
-                      + [(g, "groups") for g in group_columns]):
-        if col not in columns:
-            raise DataError(f"Hub dataset {repo_id!r} has no column {col!r} (set by {what}); columns are "
-                            f"{columns}." + did_you_mean(col, columns))
+    require_columns(columns, [(image_column, "image_column")] + [(c, "label_column") for c in label_columns]
+                    + [(g, "groups") for g in group_columns], f"Hub dataset {repo_id!r}")
     # metadata for subgroup audits, per sample id (f"{split}/{row}")
     group_values = {g: {f"{split}/{i}": "" if v is None else str(v) for split, t in tables.items()
                         for i, v in enumerate(t[g])} for g in group_columns}
