@@ -65,6 +65,10 @@ METHODS: tuple[MethodEntry, ...] = (
                 "Zanella et al. NeurIPS'24", "seconds", unlabeled="pool"),
     MethodEntry("tda", "features.tda", "features", "nothing (positive/negative caches on the test stream)",
                 "Karmanov et al. CVPR'24", "seconds", unlabeled="stream"),
+    # multi-label (issue 23): CheXzero, the one-vs-rest probe, DualCoOp and the weight methods (clip_lora, clip_svd,
+    # whose text head the task kind picks). Tip-Adapter-style caches with per-finding positive/negative keys have no
+    # published reference, so tip_adapter, tip_adapter_f, tda and the other cache/prototype methods stay
+    # single_label: the registry refuses them on a multi-label set, listing the methods that support it.
     MethodEntry("chexzero", "features.multilabel", "features",
                 "nothing (positive/negative prompt pair per finding)", "Tiu et al. Nat. Biomed. Eng. 2022 (CheXzero)",
                 "seconds", tasks=("multi_label",)),

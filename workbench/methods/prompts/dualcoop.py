@@ -52,10 +52,10 @@ import torch.nn.functional as F
 
 from ...errors import DataError
 from ...towers.text import TextTower
-from ...training import TrainConfig, train
+from ...training import train
 from ..features.multilabel import MultiLabelMethod, task_targets
 from ..registry import register
-from .coop import PromptLearner, default_epochs, steps_per_epoch, view_batches
+from .coop import PromptLearner, PromptTrainingConfig, default_epochs, steps_per_epoch, view_batches
 
 
 def asymmetric_loss(log_odds: torch.Tensor, targets: torch.Tensor, gamma_pos: float = 1.0, gamma_neg: float = 2.0,
@@ -92,7 +92,10 @@ class DualPrompts(nn.Module):
 
 
 @dataclass
-class DualCoOpConfig:
+class DualCoOpConfig(PromptTrainingConfig):
+    """DualCoOp's prompts and loss; the training recipe (lr 0.002, SGD, warm-up, batch 32, epochs by K) is
+    :class:`~workbench.methods.prompts.coop.PromptTrainingConfig`'s."""
+
     #: learnable context vectors of the positive prompt (ignored when positive_init is given)
     n_ctx_pos: int = 16
     #: learnable context vectors of the negative prompt (ignored when negative_init is given)
@@ -110,20 +113,6 @@ class DualCoOpConfig:
     gamma_pos: float = 1.0
     gamma_neg: float = 2.0
     clip: float = 0.05
-    lr: float = 0.002
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-5
-    #: None = CoOp's schedule by K (50/100/100/200/200)
-    epochs: int | None = None
-    batch_size: int = 32
-    #: distinct augmented views of the support set (one per epoch by default; fewer = reused in turn)
-    augment_views: int | None = None
-    aug_scale: tuple = (0.08, 1.0)
-    grad_clip: float | None = None
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 10
 
 
 @register("dualcoop")
@@ -135,9 +124,7 @@ class DualCoOp(MultiLabelMethod):
     def fit(self, task) -> "DualCoOp":
         cfg = self.config
         backbone = task.backbone
-        model = backbone.model
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model = backbone.model.requires_grad_(False)   # frozen: only the two contexts train
         tower = TextTower(model)
         self.class_names = list(task.class_names)
         gen = torch.Generator().manual_seed(task.seed)
@@ -160,10 +147,7 @@ class DualCoOp(MultiLabelMethod):
             log_odds = scale * (x.float() @ pos.T) - scale * (x.float() @ neg.T)
             return asymmetric_loss(log_odds, y, cfg.gamma_pos, cfg.gamma_neg, cfg.clip)
 
-        tcfg = TrainConfig(epochs=epochs, optimizer="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, schedule="cosine_epoch", warmup_epochs=cfg.warmup_epochs,
-                           warmup_lr=cfg.warmup_lr, grad_clip=cfg.grad_clip, seed=task.seed,
-                           checkpoint_every=cfg.checkpoint_every if cfg.checkpoint_dir else None)
+        tcfg = cfg.train_config(epochs, task.seed)
         model.eval()
         history = train(prompts, loss_fn, batches, tcfg, device=backbone.device, precision=backbone.precision,
                         checkpoint_dir=cfg.checkpoint_dir, identity=self.checkpoint_identity(task),
