@@ -184,3 +184,14 @@ def test_clip_lora_multi_label_run_row_and_predictor(backbone, small_mosaic, tmp
     thr = dict(zip(small_mosaic.class_names, res.method.fit_info["thresholds"]))
     for _, r in table.iterrows():
         assert r["findings"] == [c for c in small_mosaic.class_names if r[c] >= thr[c]]
+
+
+def test_dualcoop_runs_as_a_multi_label_experiment_and_refuses_single_label(backbone, small_mosaic, shapes, tmp_path,
+                                                                            quiet):
+    cache = wb.FeatureCache(backbone, tmp_path / "f", show_progress=False)
+    res = wb.run_experiment(small_mosaic, backbone, "dualcoop", 1, 1, cache=cache,
+                            method_params={"epochs": 2, "n_ctx_pos": 2, "n_ctx_neg": 2, "augment_views": 1})
+    assert res.row["method"] == "dualcoop" and res.row["task"] == "multi_label" and 0 <= res.row["macro_auroc"] <= 1
+    assert res.record["method"]["fit_info"]["steps"] == 2 and len(res.record["metrics"]["thresholds"]) == 5
+    with pytest.raises(ConfigError, match=r"'dualcoop' does not support single_label.*'coop'"):
+        wb.run_experiment(shapes, backbone, "dualcoop", 1, 1, cache=cache)
