@@ -61,6 +61,14 @@ def test_asymmetric_loss_matches_the_pair_softmax_by_hand_float64():
     y2 = y.clone()
     y2[y2 < 0] = 1
     assert float(asymmetric_loss(s_pos - s_neg, y2)) != pytest.approx(want)
+    # the focusing weights carry no gradient (the reference's disable_torch_grad_focal_loss=True): with p = σ(z),
+    # d/dz of −(1−p)^γ+·log p is −(1−p)^γ+·(1−p), and of −p^γ−·log(1−p) (clip 0) is p^γ−·p
+    z = torch.tensor([[0.3, -1.2], [2.0, 0.5]], dtype=torch.float64, requires_grad=True)
+    yy = torch.tensor([[1, 0], [0, 1]])
+    asymmetric_loss(z, yy, gamma_pos=1.0, gamma_neg=2.0, clip=0.0).backward()
+    pz = torch.sigmoid(z.detach())
+    want_grad = torch.where(yy == 1, -(1 - pz) ** 2, pz ** 3)
+    torch.testing.assert_close(z.grad, want_grad, rtol=1e-12, atol=1e-12)
     # other focusing and no margin: the same formula
     got = asymmetric_loss(s_pos - s_neg, y, gamma_pos=0.0, gamma_neg=4.0, clip=0.0)
     assert float(got) == pytest.approx(_asl_by_hand(s_pos.numpy(), s_neg.numpy(), y.numpy(), 0.0, 4.0, 0.0), rel=1e-10)
@@ -80,12 +88,12 @@ def test_dualcoop_learns_on_tiny_mosaic_and_scores_the_pair_softmax(ml_task, bac
 
     # the offline backbone is random: scale 100 saturates the pair softmax at once (ASL's clamped log then has
     # no gradient), so the test learns at scale 10 with one context pair per finding (csc)
-    m = wb.get_method("dualcoop", n_ctx_pos=4, n_ctx_neg=4, csc=True, logit_scale=10.0, epochs=6, lr=0.0005,
+    m = wb.get_method("dualcoop", n_ctx_pos=4, n_ctx_neg=4, csc=True, logit_scale=10.0, epochs=6, lr=0.001,
                       warmup_epochs=0, augment_views=1)
     m.fit(ml_task)
     width = backbone.model.token_embedding.weight.shape[1]
     assert m.fit_info["trainable_parameters"] == 2 * 5 * 4 * width   # a context pair per finding, nothing else
-    assert m.fit_info["final_loss"] < 0.6 * m.fit_info["first_epoch_loss"]
+    assert m.fit_info["final_loss"] < 0.65 * m.fit_info["first_epoch_loss"]
     sup = ml_task.support()
     y = ml_task.targets_for(sup.ids)
     logits = m.predict_logits(sup.x)

@@ -1,7 +1,8 @@
 """DualCoOp: a positive and a negative learned context per finding (Sun, Hu, Saenko, "DualCoOp: Fast
 Adaptation to Multi-Label Recognition with Limited Annotations", NeurIPS 2022; reference code
 sunxm2357/DualCoOp ``models/dualcoop.py::MLCPromptLearner, DualCoop.forward``,
-``utils/trainers.py::train_coop``, ``utils/build_cfg.py``, ``opts.py``, ``configs/models/rn101_ep50.yaml``).
+``utils/trainers.py::train_coop``, ``utils/asymmetric_loss.py``, ``utils/build_cfg.py``, ``opts.py``,
+``configs/models/rn101_ep50.yaml``).
 
 Prompts: finding c gets ``[SOS][ctx⁺_1 … ctx⁺_M] c.[EOS]`` and ``[SOS][ctx⁻_1 … ctx⁻_M] c.[EOS]``,
 built with CoOp's :class:`~workbench.methods.prompts.coop.PromptLearner` (two of them: one per
@@ -20,9 +21,9 @@ with p_m = max(p − clip, 0),
 ``L = −Σ_{i,c known} [ y·(1 − p)^{γ⁺}·log p + (1 − y)·p_m^{γ⁻}·log(1 − p_m) ]``,
 γ⁺ = 1, γ⁻ = 2, clip = 0.05, log clamped at eps = 1e-6, summed over images and findings (not
 averaged; ``--loss_w`` 1). Uncertain / unknown entries (−1) are left out, as the reference drops
-its −1 partial labels (CheXpert's U-Ignore). The focusing weights carry gradients. **[the
-reference's ``utils/asymmetric_loss.py`` is not in the stored copy; clip, eps, the sum and the
-−1 masking follow shared/reference/task_kinds.md §4, unverified against the file]**
+its −1 partial labels (CheXpert's U-Ignore). The focusing weights (1 − p)^{γ⁺} and p_m^{γ⁻} are
+constants for the gradient (``utils/asymmetric_loss.py::AsymmetricLoss``,
+``disable_torch_grad_focal_loss=True``; clip 0.05, eps 1e-6 and the sum are that class's defaults).
 
 Training (``configs/models/rn101_ep50.yaml`` + Dassl defaults): SGD lr 0.002, momentum 0.9,
 weight decay 5e-4, batch 32, cosine per epoch after one constant warm-up epoch at 1e-5.
@@ -68,8 +69,9 @@ def asymmetric_loss(log_odds: torch.Tensor, targets: torch.Tensor, gamma_pos: fl
     p_neg = (1 - p + clip).clamp(max=1) if clip > 0 else 1 - p      # 1 − p_m: the negatives' shifted probability
     log_pos = torch.log(p.clamp(min=eps))
     log_neg = torch.log(p_neg.clamp(min=eps))
-    w_pos = (1 - p) ** gamma_pos
-    w_neg = (1 - p_neg) ** gamma_neg
+    with torch.no_grad():   # the focusing weights carry no gradient (reference: disable_torch_grad_focal_loss=True)
+        w_pos = (1 - p) ** gamma_pos
+        w_neg = (1 - p_neg) ** gamma_neg
     loss = y * w_pos * log_pos + (1 - y) * w_neg * log_neg
     return -(loss * known.to(loss.dtype)).sum()
 
