@@ -9,7 +9,9 @@ built with CoOp's :class:`~workbench.methods.prompts.coop.PromptLearner` (two of
 polarity). Reference defaults: ``n_ctx_pos = n_ctx_neg = 16`` vectors from N(0, 0.02), shared by
 all findings (``CSC=False``; ``csc=True`` gives one pair of contexts per finding), or initialised
 from words (``positive_init`` / ``negative_init``, which the reference accepts as
-``--positive_prompt`` / ``--negative_prompt``). Only the two contexts are trained.
+``--positive_prompt`` / ``--negative_prompt``; it uses words only when both are given and counts
+their context length in words, here each side independently and in tokens, as CoOp here does).
+Only the two contexts are trained.
 
 Scores: with t⁺_c, t⁻_c the normalised text features and f the normalised image feature,
 s⁺_c = 100·fᵀt⁺_c, s⁻_c = 100·fᵀt⁻_c and p_c = softmax([s⁻_c, s⁺_c])₁ = σ(s⁺_c − s⁻_c);
