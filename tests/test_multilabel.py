@@ -220,7 +220,7 @@ def test_registry_refuses_single_label_methods_on_multi_label():
     from workbench.methods.registry import check_method_task, methods_for_task
 
     assert {"chexzero", "ovr_linear_probe"} <= set(methods_for_task("multi_label"))
-    with pytest.raises(ConfigError, match=r"'coop' does not support multi_label.*\['chexzero', 'ovr_linear_probe'"):
+    with pytest.raises(ConfigError, match=r"'coop' does not support multi_label.*\['chexzero', 'clip_lora', 'clip_svd', 'dualcoop', 'ovr_linear_probe'"):
         check_method_task("coop", "multi-label")
     with pytest.raises(ConfigError, match="'chexzero' does not support single_label"):
         check_method_task("chexzero", "single_label")

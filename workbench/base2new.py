@@ -89,7 +89,7 @@ NEW_CLASS_RULES: dict[str, NewClassRule] = {
     "tda": NewClassRule(None, "cannot: it adapts on the test stream, which the base-to-new and cross-dataset "
                               "protocols do not provide (run it with unlabeled='test' under the standard protocol)"),
     **{m: NewClassRule(None, "cannot: a multi-label method; base-to-new is a single-label protocol")
-       for m in ("chexzero", "ovr_linear_probe")},
+       for m in ("chexzero", "ovr_linear_probe", "dualcoop")},
 }
 
 

@@ -38,7 +38,7 @@ SOURCE_KEYS = {
     "npz": {"path", "test_fraction", "split_seed"},
     "mosaic": {"path", "n_images", "seed", "test_fraction", "tile_size"},
     "hub": {"repo_id", "config", "image_column", "label_column", "splits", "data_files", "revision",
-            "test_fraction", "split_seed"},
+            "test_fraction", "split_seed", "groups", "no_finding"},
     "hub_archive": {"repo_id", "filename", "subdir", "test_fraction", "split_seed", "max_bad_fraction"},
     "synthetic": {"generator", "train_per_class", "val_per_class", "test_per_class", "image_size", "seed"},
 }
@@ -458,10 +458,18 @@ def _multilabel_from_spec(spec, kind, src, class_ids, names, meta):
     elif kind == "mosaic":
         ds = multilabel.mosaic_dataset(_resolve(src.pop("path")), name=spec["name"], classes=class_ids,
                                        class_names=names, **src, **meta)
+    elif kind == "hub":   # a list column per row; the findings are the YAML's classes, in its order
+        from .data import sources
+
+        ds = sources.from_hub(src.pop("repo_id"), name=spec["name"], findings=class_ids, class_names=mapping,
+                              **src, **meta)
+        if not isinstance(ds, multilabel.MultiLabelDataset):
+            raise DataError(f"{spec['_file']}: the Hub column {ds.source.get('label_column')!r} holds one label per "
+                            "row; a multi_label YAML needs a column with a list of findings per row.")
     else:
-        raise DataError(f"{spec['_file']}: a multi_label dataset can be read from sources of kind csv, npz or "
-                        f"mosaic; {kind!r} is not supported for multi-label yet (download the data and use a CSV "
-                        "with one column per finding or a separated list).")
+        raise DataError(f"{spec['_file']}: a multi_label dataset can be read from sources of kind csv, npz, hub "
+                        f"(a list column) or mosaic; {kind!r} is not supported for multi-label yet (download the "
+                        "data and use a CSV with one column per finding or a separated list).")
     if builtins.list(ds.class_ids) != class_ids:
         raise DataError(f"{spec['_file']}: the data's findings {ds.class_ids} do not match 'classes' {class_ids}.")
     return ds

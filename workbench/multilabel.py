@@ -42,7 +42,13 @@ def run_multilabel_experiment(dataset, backbone, method, shots: int, seed: int, 
     method.fit(task)
     fit_seconds = time.perf_counter() - t0
     test_samples = dataset.split("test")
-    test = cache.get(dataset, test_samples, desc="test")
+    encoder = method.image_backbone(backbone)
+    if encoder is backbone:
+        test = cache.get(dataset, test_samples, desc="test")
+    else:  # the method adapted the image encoder (CLIP-LoRA, CLIP-SVD): its features are its own, in memory
+        adapted = FeatureCache(encoder, None, batch_size=cache.batch_size, num_workers=cache.num_workers,
+                               show_progress=cache.show_progress)
+        test = adapted.get(dataset, test_samples, desc="test (adapted)")
     t0 = time.perf_counter()
     with torch.no_grad():
         logits = method.predict_logits(test.x).float()
@@ -51,7 +57,10 @@ def run_multilabel_experiment(dataset, backbone, method, shots: int, seed: int, 
     targets = torch.tensor([by_id[i] for i in test.ids], dtype=torch.long)
     thresholds = method.fit_info.get("thresholds")
     metrics = compute_multilabel_metrics(logits, targets, thresholds, finding_names=dataset.class_names)
-    val_feats = task.validation()
+    if encoder is backbone or not task.val_samples():
+        val_feats = task.validation()
+    else:
+        val_feats = adapted.get(dataset, task.val_samples(), desc="validation (adapted)")
     val_scores = {c: float("nan") for c in VAL_COLUMNS}
     if val_feats is not None and len(val_feats):
         with torch.no_grad():

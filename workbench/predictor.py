@@ -141,7 +141,8 @@ class Predictor:
         when the calibration images were also selection images (the guarantee then does not hold).
         """
         images = _as_image_list(images)
-        if hasattr(self.method, "predict_findings"):   # multi-label: findings above threshold + every probability
+        # multi-label (a model with one threshold per finding): findings above threshold + every probability
+        if getattr(self.method, "thresholds", None) is not None:
             if coverage is not None:
                 raise ConfigError("prediction sets (coverage=) are for single-label models; a multi-label model "
                                   "already returns every finding above its threshold.")

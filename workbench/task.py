@@ -33,6 +33,7 @@ class FitView:
 
     def __init__(self, dataset: Dataset, split: FewShotSplit):
         self.name = dataset.name
+        self.kind = getattr(dataset, "task", "single_label")   # the task kind (workbench.task_kinds)
         self.class_names = list(dataset.class_names)
         self.class_ids = list(dataset.class_ids)
         self.reader = dataset.reader
@@ -109,6 +110,13 @@ class FewShotTask:
     @property
     def dataset_name(self) -> str:
         return self._view.name
+
+    @property
+    def kind(self) -> str:
+        """The task kind of the dataset ("single_label", "multi_label", ...; see workbench.task_kinds)."""
+        from .task_kinds import task_kind
+
+        return task_kind(self._view.kind).name
 
     def fingerprint(self) -> dict:
         """What identifies the data a method fits on: dataset fingerprint, content of the support and

@@ -32,7 +32,6 @@ subgroup audit (:mod:`workbench.audit`); they never enter fitting.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -46,6 +45,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
+from .csvfile import read_csv, require_columns
 from .dataset import Dataset, Reader, Sample, probe_image, resolve_class_names, validate_class_names
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
@@ -163,17 +163,6 @@ def _finish(name, splits, test_fraction, split_seed, notes):
 
 # -- sources ------------------------------------------------------------------------------------
 
-def _read_rows(path: Path, encoding: str):
-    try:
-        with open(path, newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)
-            return [c for c in (reader.fieldnames or [])], rows
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"CSV {str(path)!r} cannot be read ({type(err).__name__}: {err}); check the encoding "
-                        "(encoding='latin-1' for older Excel files).") from None
-
-
 def _cell(value, policy: str, where: str, column: str) -> int:
     v = str(value if value is not None else "").strip()
     if v in _POSITIVE:
@@ -215,14 +204,11 @@ def from_csv_multilabel(path, *, name: str | None = None, path_column: str = "pa
                           "finding) or label_column=... with label_separator='|' (a list per row).")
     root = Path(root).expanduser() if root else path.parent
     name = name or path.stem
-    columns, rows = _read_rows(path, encoding)
+    columns, rows = read_csv(path, encoding)
     need = [(path_column, "path_column"), (split_column, "split_column")]
     need += [(label_column or "", "label_column")] if list_mode else [(f, "findings") for f in findings]
     need += [(g, "groups") for g in groups]
-    for col, what in need:
-        if col is not None and col not in columns:
-            raise DataError(f"CSV {str(path)!r} has no column {col!r} (named by {what}); its columns are {columns}."
-                            + did_you_mean(col, columns))
+    require_columns(columns, need, f"CSV {str(path)!r}")
     if not rows:
         raise DataError(f"CSV {str(path)!r} has no rows.")
     where = lambda i: f"CSV {str(path)!r} row {i + 2}"  # noqa: E731
@@ -341,6 +327,50 @@ def from_npz_multilabel(path, *, class_names: Sequence[str], name: str | None = 
                              source={"kind": "npz", "path": str(path), "task": "multi_label"}, **meta)
 
 
+def from_hub_tables_multilabel(tables, *, reader, where: str, label_column: str, element, findings, no_finding: str,
+                               class_names, groups: dict, name: str, test_fraction: float, split_seed: int,
+                               source: dict, **meta) -> MultiLabelDataset:
+    """The multi-label branch of :func:`workbench.data.sources.from_hub`: ``tables`` (split -> ``datasets``
+    table) whose ``label_column`` holds a list per row, of names or of ``ClassLabel`` ids (``element``)."""
+    names_of = getattr(element, "int2str", None) if type(element).__name__ == "ClassLabel" else None
+    lists = {}
+    for split, table in tables.items():
+        rows = []
+        for i, value in enumerate(table[label_column]):
+            if value is None:
+                value = []
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+                raise DataError(f"{where}, split {split!r} row {i}: column {label_column!r} holds {value!r}, not a "
+                                "list of findings; a multi-label Hub column needs a list per row ([] = no finding).")
+            items = [str(names_of(int(v)) if names_of else v).strip() for v in value]
+            rows.append([x for x in items if x and x != no_finding])
+        lists[split] = rows
+    seen = sorted({x for rows in lists.values() for items in rows for x in items})
+    class_ids = [str(f) for f in findings] if findings is not None else seen
+    unknown = sorted(set(seen) - set(class_ids))
+    if unknown:
+        split, i = next((sp, k) for sp, rows in lists.items() for k, items in enumerate(rows) if unknown[0] in items)
+        raise DataError(f"{where}, split {split!r} row {i}: finding {unknown[0]!r} is not in findings={class_ids}; "
+                        "add it to the findings (the YAML's classes) or fix the row." + did_you_mean(unknown[0], class_ids))
+    if not class_ids:
+        raise DataError(f"{where}: no finding found in column {label_column!r}.")
+    index = {c: j for j, c in enumerate(class_ids)}
+    splits = {}
+    for split, rows in lists.items():
+        samples = []
+        for i, items in enumerate(rows):
+            t = [0] * len(class_ids)
+            for x in items:
+                t[index[x]] = 1
+            samples.append(MultiLabelSample(f"{split}/{i}", -1, (split, i), tuple(t)))
+        splits[split] = samples
+    notes: list[str] = []
+    splits = _finish(name, splits, test_fraction, split_seed, notes)
+    return MultiLabelDataset(name=name, class_ids=class_ids,
+                             class_names=resolve_class_names(class_ids, class_names, where=where), splits=splits,
+                             reader=reader, source=source, notes=notes, groups=groups, **meta)
+
+
 # -- few-shot sampling ------------------------------------------------------------------------
 
 def _greedy(pool: list[Sample], k: int, rng: random.Random, n: int) -> list[Sample]:
@@ -443,13 +473,15 @@ class MosaicReader(Reader):
         return out
 
 
-def mosaic_dataset(folder, *, n_images: int = 120, seed: int = 0, name: str = "whu_rs19_mosaic",
+def mosaic_dataset(folder, *, n_images: int = 200, seed: int = 0, name: str = "whu_rs19_mosaic",
                    classes: Sequence[str] | None = None, class_names=None, test_fraction: float = 0.3,
                    tile_size: int = 112, **meta) -> MultiLabelDataset:
     """2x2 mosaics of scene images from a class-per-folder set (the bundled WHU-RS19 mini).
 
-    Each mosaic picks 1–3 distinct scene classes (uniform), fills the four tiles with images of
-    them (each chosen class at least once), and its findings are the classes present — the shape
+    Each mosaic picks 1–3 distinct scene classes (how many: uniform; which: those with the fewest
+    positives so far in its split, ties in seeded random order, so every finding gets about the same
+    number of positives — with 19 classes, 200 mosaics give 15–16 training positives each: K ≤ 8),
+    fills the four tiles with images of them (each chosen class at least once), and its findings are the classes present — the shape
     of MLRSNet's labels (several land covers per tile; MLRSNet has 1–13, here 1–3). Tiles of one
     source image never appear in two splits: the source images are split first (by image, seeded)
     and each split's mosaics draw only from its own images. A synthetic metadata column ``site``
@@ -476,10 +508,16 @@ def mosaic_dataset(folder, *, n_images: int = 120, seed: int = 0, name: str = "w
     splits: dict[str, list] = {"train": [], "test": []}
     groups = {"site": {}}
     n_test_img = int(round(n_images * test_fraction))
+    used = {"train": [0] * len(class_ids), "test": [0] * len(class_ids)}   # positives so far, per split
     for i in range(n_images):
         split = "test" if i < n_test_img else "train"
         k = rng.randint(1, 3)
-        present = rng.sample(range(len(class_ids)), k)
+        # balanced: the k classes with the fewest positives in this split so far (ties in seeded random order),
+        # so every finding gets about the same number of positives in each split
+        order = rng.sample(range(len(class_ids)), len(class_ids))
+        present = sorted(order, key=lambda c: used[split][c])[:k]
+        for c in present:
+            used[split][c] += 1
         tiles = present + [rng.choice(present) for _ in range(4 - k)]
         rng.shuffle(tiles)
         ref = tuple(rng.choice(source_split[class_ids[c]][split]) for c in tiles)

@@ -25,7 +25,6 @@ context are truncated by its tokenizer; :func:`workbench.retrieval.caption_trunc
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import ConfigError, DataError, did_you_mean
+from .csvfile import read_csv, require_columns
 from .dataset import Dataset, Reader, Sample
 
 PAIR_SPLITS = ("train", "val", "test")
@@ -276,19 +276,10 @@ def pairs_from_csv(path, *, image_column: str = "image", caption_columns: str | 
     caption_columns = [caption_columns] if isinstance(caption_columns, str) else list(caption_columns)
     if not caption_columns:
         raise ConfigError("pairs_from_csv: caption_columns is empty; name at least one column with captions.")
-    try:
-        with path.open(newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f)
-            columns, rows = list(reader.fieldnames or []), list(reader)
-    except UnicodeDecodeError as err:
-        raise DataError(f"pair CSV {str(path)!r} is not valid {encoding} text (byte {err.start}); pass "
-                        "encoding='latin-1' (or the file's real encoding).") from None
+    columns, rows = read_csv(path, encoding, what="pair CSV")
     where = f"pair CSV {str(path)!r}"
-    for col, what in [(image_column, "image_column"), (split_column, "split_column")] + \
-                     [(c, "caption_columns") for c in caption_columns]:
-        if col is not None and col not in columns:
-            raise DataError(f"{where} has no column {col!r} (set by {what}); its columns are {columns}."
-                            + did_you_mean(col, columns))
+    require_columns(columns, [(image_column, "image_column"), (split_column, "split_column")]
+                    + [(c, "caption_columns") for c in caption_columns], where)
     if not rows:
         raise DataError(f"{where} has no rows.")
     for col in caption_columns:

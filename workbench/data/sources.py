@@ -8,7 +8,6 @@ test images are the same for every few-shot seed and every method.
 from __future__ import annotations
 
 import contextlib
-import csv
 import os
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
+from .csvfile import read_csv, require_columns
 from .dataset import (ArrayReader, Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
                       resolve_class_names, stratified_holdout)
 from .hub import cache_only, offline_message, offline_reason
@@ -223,22 +223,6 @@ def from_folder(root, *, name: str | None = None, class_names=None, layout: str 
 MISSING_LABELS = {"", "nan", "none", "null", "na", "n/a", "<na>", "#n/a"}
 
 
-def _read_csv_rows(path: Path, encoding: str) -> tuple[list[str], list[dict]]:
-    try:
-        with path.open(newline="", encoding=encoding) as f:
-            reader = csv.DictReader(f)
-            return list(reader.fieldnames or []), list(reader)
-    except UnicodeDecodeError as err:
-        raise DataError(f"CSV {str(path)!r} is not valid {encoding} text (byte {err.start} is "
-                        f"{err.object[err.start:err.start + 1]!r}). It was probably saved as latin-1 / Windows-1252 "
-                        "(Excel does this): pass encoding='latin-1' (or the file's real encoding).") from None
-    except LookupError:
-        raise ConfigError(f"encoding={encoding!r} is not a text encoding Python knows (e.g. 'utf-8', "
-                          "'latin-1', 'cp1252').") from None
-    except csv.Error as err:
-        raise DataError(f"CSV {str(path)!r} cannot be parsed: {err}. Is it a CSV file?") from None
-
-
 def from_csv(path, *, name: str | None = None, path_column: str = "path", label_column: str = "label",
              split_column: str | None = None, root=None, classes: Sequence[str] | None = None,
              class_names=None, test_fraction: float = 0.3, split_seed: int = 0, check_images: bool = True,
@@ -274,12 +258,9 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
         raise DataError(f"CSV manifest {str(path)!r} does not exist.")
     root = Path(root).expanduser() if root else path.parent
     name = name or path.stem
-    columns, rows = _read_csv_rows(path, encoding)
-    for col, what in ((path_column, "path_column"), (label_column, "label_column"),
-                      (split_column, "split_column"), *((g, "groups") for g in group_columns)):
-        if col is not None and col not in columns:
-            raise DataError(f"CSV {str(path)!r} has no column {col!r} (set by {what}); its columns are "
-                            f"{columns}." + did_you_mean(col, columns))
+    columns, rows = read_csv(path, encoding)
+    require_columns(columns, ((path_column, "path_column"), (label_column, "label_column"),
+                              (split_column, "split_column"), *((g, "groups") for g in group_columns)), f"CSV {str(path)!r}")
     if not rows:
         raise DataError(f"CSV {str(path)!r} has no rows.")
     explicit = {str(c) for c in classes} if classes is not None else set()
@@ -505,27 +486,15 @@ class HubReader(Reader):
         return open_rgb(self.tables[split][int(i)][self.image_column])
 
 
-def from_hub(repo_id: str, *, image_column: str = "image", label_column: str | Sequence[str] = "label",
-             splits: Mapping[str, str] | None = None, name: str | None = None, config: str | None = None,
-             data_files=None, revision: str | None = None, class_names=None, classes: Sequence[str] | None = None,
-             test_fraction: float = 0.3, split_seed: int = 0, cache_dir=None, **meta) -> Dataset:
-    """A Hub dataset (parquet or image-folder repo) through ``datasets.load_dataset``.
-
-    ``repo_id`` may also be a local folder with the same layout (parquet files or an image
-    folder). ``label_column`` may be a list of columns whose values are joined with ``/`` into
-    the class id (LC25000 on the Hub: ``[organ, label]`` → ``lung/adenocarcinomas``). ``splits`` maps our split names to the repo's, e.g.
-    ``{"train": "train", "val": "validation", "test": "test"}``. Loading scripts are not
-    supported by ``datasets`` >= 4; pick a parquet repo instead.
-    """
+def _load_hub(repo_id: str, config, data_files, revision, cache_dir):
+    """``datasets.load_dataset`` of a Hub id or local copy, with the offline and script errors said plainly."""
     import datasets as hfds
 
-    explicit = splits is not None
-    splits = dict(splits or {"train": "train", "val": "validation", "test": "test"})
     # Offline (flag or no connection): read the cache only instead of retrying for a minute.
     offline = None if Path(repo_id).expanduser().exists() else offline_reason()
     try:
         with (cache_only() if offline else contextlib.nullcontext()):
-            dd = hfds.load_dataset(repo_id, config, data_files=data_files, revision=revision, cache_dir=cache_dir)
+            return hfds.load_dataset(repo_id, config, data_files=data_files, revision=revision, cache_dir=cache_dir)
     except Exception as err:  # network, missing repo, script-based repo: say which and what to do
         if offline:
             raise DataError(offline_message(
@@ -538,6 +507,46 @@ def from_hub(repo_id: str, *, image_column: str = "image", label_column: str | S
                 "image-folder copy." if "script" in msg.lower() else
                 "Check the id, your network (offline mode: HF_DATASETS_OFFLINE), or pass a local folder.")
         raise DataError(f"could not load Hub dataset {repo_id!r}: {type(err).__name__}: {msg}. {hint}") from None
+
+
+def list_feature(feature):
+    """The element feature of a list-valued ``datasets`` column (``List``/``Sequence``/``[feature]``), else None."""
+    if isinstance(feature, list) and len(feature) == 1:
+        return feature[0]
+    if type(feature).__name__ in ("List", "LargeList", "Sequence") and hasattr(feature, "feature"):
+        return feature.feature
+    return None
+
+
+def from_hub(repo_id, *, image_column: str = "image", label_column: str | Sequence[str] = "label",
+             splits: Mapping[str, str] | None = None, name: str | None = None, config: str | None = None,
+             data_files=None, revision: str | None = None, class_names=None, classes: Sequence[str] | None = None,
+             test_fraction: float = 0.3, split_seed: int = 0, cache_dir=None, groups: Sequence[str] = (),
+             findings: Sequence[str] | None = None, no_finding: str = "No Finding", **meta) -> Dataset:
+    """A Hub dataset (parquet or image-folder repo) through ``datasets.load_dataset``.
+
+    ``repo_id`` may also be a local folder with the same layout (parquet files or an image
+    folder), or a ``datasets.Dataset`` / ``DatasetDict`` already in memory (a lone ``Dataset`` is
+    the ``train`` split; give ``name``). ``label_column`` may be a list of columns whose values are joined with ``/`` into
+    the class id (LC25000 on the Hub: ``[organ, label]`` → ``lung/adenocarcinomas``). ``splits`` maps our split names to the repo's, e.g.
+    ``{"train": "train", "val": "validation", "test": "test"}``. Loading scripts are not
+    supported by ``datasets`` >= 4; pick a parquet repo instead.
+
+    Multi-label: a label column holding a *list* per row (class names or ``ClassLabel`` ids;
+    ``no_finding`` and empty lists = no finding) gives a
+    :class:`~workbench.data.multilabel.MultiLabelDataset`; ``findings`` (or ``classes``) fixes the
+    findings and their order, else they are every name seen, sorted. ``groups``: metadata columns
+    kept per image in ``dataset.groups`` for subgroup audits (never used for fitting).
+    """
+    import datasets as hfds
+
+    explicit = splits is not None
+    splits = dict(splits or {"train": "train", "val": "validation", "test": "test"})
+    if isinstance(repo_id, (hfds.Dataset, hfds.DatasetDict)):
+        dd = repo_id if isinstance(repo_id, hfds.DatasetDict) else hfds.DatasetDict({"train": repo_id})
+        repo_id = name or "in-memory dataset"
+    else:
+        dd = _load_hub(repo_id, config, data_files, revision, cache_dir)
     available = list(dd.keys())
     wanted = {ours: theirs for ours, theirs in splits.items() if theirs is not None}
     # Only 'train' is required. With the default mapping a missing 'validation'/'test' falls back to
@@ -552,10 +561,28 @@ def from_hub(repo_id: str, *, image_column: str = "image", label_column: str | S
     first = next(iter(tables.values()))
     columns = list(first.column_names)
     label_columns = [label_column] if isinstance(label_column, str) else list(label_column)
-    for col, what in [(image_column, "image_column")] + [(c, "label_column") for c in label_columns]:
-        if col not in columns:
-            raise DataError(f"Hub dataset {repo_id!r} has no column {col!r} (set by {what}); columns are "
-                            f"{columns}." + did_you_mean(col, columns))
+    group_columns = [str(g) for g in (groups or ())]
+    require_columns(columns, [(image_column, "image_column")] + [(c, "label_column") for c in label_columns]
+                    + [(g, "groups") for g in group_columns], f"Hub dataset {repo_id!r}")
+    # metadata for subgroup audits, per sample id (f"{split}/{row}")
+    group_values = {g: {f"{split}/{i}": "" if v is None else str(v) for split, t in tables.items()
+                        for i, v in enumerate(t[g])} for g in group_columns}
+    if len(label_columns) == 1 and list_feature(first.features[label_columns[0]]) is not None:
+        from .multilabel import from_hub_tables_multilabel
+
+        if isinstance(first.features[image_column], hfds.Image):
+            tables = {k: t.cast_column(image_column, hfds.Image(decode=False)) for k, t in tables.items()}
+        return from_hub_tables_multilabel(
+            tables, reader=HubReader(tables, image_column), where=f"Hub dataset {repo_id!r}",
+            label_column=label_columns[0], element=list_feature(first.features[label_columns[0]]),
+            findings=findings if findings is not None else classes, no_finding=no_finding, class_names=class_names,
+            groups=group_values, name=name or str(repo_id).rstrip("/").split("/")[-1], test_fraction=test_fraction,
+            split_seed=split_seed, source={"kind": "hub", "repo_id": str(repo_id), "config": config,
+                                           "revision": revision, "splits": splits, "image_column": image_column,
+                                           "label_column": label_columns[0], "task": "multi_label"}, **meta)
+    if findings is not None:
+        raise DataError(f"Hub dataset {repo_id!r}: findings= is for a multi-label set, but label column "
+                        f"{label_columns} holds one value per row, not a list.")
     if len(label_columns) > 1:
         def joined(table):
             parts = []
@@ -594,7 +621,7 @@ def from_hub(repo_id: str, *, image_column: str = "image", label_column: str | S
                    splits=samples, reader=HubReader(tables, image_column),
                    source={"kind": "hub", "repo_id": repo_id, "config": config, "revision": revision,
                            "splits": splits, "image_column": image_column, "label_column": label_column},
-                   notes=notes, **meta)
+                   notes=notes, groups=group_values, **meta)
 
 
 # -- an image-folder archive in a Hub dataset repo (BiomedCoOp: one zip per dataset) ----------

@@ -65,6 +65,10 @@ METHODS: tuple[MethodEntry, ...] = (
                 "Zanella et al. NeurIPS'24", "seconds", unlabeled="pool"),
     MethodEntry("tda", "features.tda", "features", "nothing (positive/negative caches on the test stream)",
                 "Karmanov et al. CVPR'24", "seconds", unlabeled="stream"),
+    # multi-label (issue 23): CheXzero, the one-vs-rest probe, DualCoOp and the weight methods (clip_lora, clip_svd,
+    # whose text head the task kind picks). Tip-Adapter-style caches with per-finding positive/negative keys have no
+    # published reference, so tip_adapter, tip_adapter_f, tda and the other cache/prototype methods stay
+    # single_label: the registry refuses them on a multi-label set, listing the methods that support it.
     MethodEntry("chexzero", "features.multilabel", "features",
                 "nothing (positive/negative prompt pair per finding)", "Tiu et al. Nat. Biomed. Eng. 2022 (CheXzero)",
                 "seconds", tasks=("multi_label",)),
@@ -79,6 +83,9 @@ METHODS: tuple[MethodEntry, ...] = (
                 "Zhou et al. CVPR'22", "minutes (GPU)"),
     MethodEntry("biomedcoop", "prompts.biomedcoop", "prompts", "text context vectors + LLM description-bank regularisers",
                 "Koleilat et al. CVPR'25", "minutes (GPU)"),
+    MethodEntry("dualcoop", "prompts.dualcoop", "prompts",
+                "positive and negative text context vectors per finding (ASL loss)", "Sun et al. NeurIPS'22 (DualCoOp)",
+                "minutes (GPU)", tasks=("multi_label",)),
     MethodEntry("maple", "prompts.maple", "prompts", "deep text prompts coupled to deep image prompts",
                 "Khattak et al. CVPR'23", "minutes (GPU)"),
     MethodEntry("ivlp", "prompts.maple", "prompts", "independent deep text and image prompts",
@@ -86,9 +93,9 @@ METHODS: tuple[MethodEntry, ...] = (
     MethodEntry("vpt_deep", "prompts.maple", "prompts", "deep image prompts, hand-crafted text",
                 "Jia et al. ECCV'22 (MaPLe repo baseline)", "minutes (GPU)"),
     MethodEntry("clip_lora", "weights.clip_lora", "weights", "LoRA on q/k/v of both encoders",
-                "Zanella & Ben Ayed CVPRW'24", "minutes (GPU)"),
+                "Zanella & Ben Ayed CVPRW'24", "minutes (GPU)", tasks=("single_label", "multi_label")),
     MethodEntry("clip_svd", "weights.clip_svd", "weights", "singular values of q/k/v/o/MLP Linears, both encoders",
-                "Koleilat et al. 2025 (CLIP-SVD)", "minutes (GPU)"),
+                "Koleilat et al. 2025 (CLIP-SVD)", "minutes (GPU)", tasks=("single_label", "multi_label")),
     MethodEntry("pairs_lora", "pairs.contrastive", "pairs", "LoRA on q/k/v of both encoders + logit scale, CLIP loss on pairs",
                 "Goyal et al. CVPR'23 (FLYP) + CLIP-LoRA surgery", "minutes (GPU)", tasks=("retrieval",)),
     MethodEntry("pairs_svd", "pairs.contrastive", "pairs", "singular values of both encoders + logit scale, CLIP loss on pairs",

@@ -146,16 +146,9 @@ class PromptLearner(nn.Module):
 
 
 @dataclass
-class CoOpConfig:
-    #: number of learnable context vectors (ignored when ctx_init is given)
-    n_ctx: int = 16
-    #: initialise the context from these words, e.g. "a photo of a" (then n_ctx = their token count)
-    ctx_init: str = ""
-    #: class-specific contexts (one set per class) instead of one shared set
-    csc: bool = False
-    #: where the class name goes: "end", "middle" or "front"
-    class_token_position: str = "end"
-    init_std: float = 0.02
+class PromptTrainingConfig:
+    """The training recipe of the prompt learners on cached image features (CoOp and its subclasses,
+    DualCoOp): Dassl's SGD with a constant warm-up epoch, then cosine per epoch."""
     lr: float = 0.002
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -170,6 +163,26 @@ class CoOpConfig:
     grad_clip: float | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 10
+
+    def train_config(self, epochs: int, seed: int) -> TrainConfig:
+        """The one training loop's settings for this recipe (SGD, cosine per epoch after the warm-up)."""
+        return TrainConfig(epochs=epochs, optimizer="sgd", lr=self.lr, momentum=self.momentum,
+                           weight_decay=self.weight_decay, schedule="cosine_epoch", warmup_epochs=self.warmup_epochs,
+                           warmup_lr=self.warmup_lr, grad_clip=self.grad_clip, seed=seed,
+                           checkpoint_every=self.checkpoint_every if self.checkpoint_dir else None)
+
+
+@dataclass
+class CoOpConfig(PromptTrainingConfig):
+    #: number of learnable context vectors (ignored when ctx_init is given)
+    n_ctx: int = 16
+    #: initialise the context from these words, e.g. "a photo of a" (then n_ctx = their token count)
+    ctx_init: str = ""
+    #: class-specific contexts (one set per class) instead of one shared set
+    csc: bool = False
+    #: where the class name goes: "end", "middle" or "front"
+    class_token_position: str = "end"
+    init_std: float = 0.02
     #: WiSE-FT (needs ctx_init, shared context): None = learned context (alpha 1), a number in
     #: [0, 1] between the ctx_init words (0) and the learned context (1), or "val" (chosen on the K-shot val set)
     wise_alpha: float | str | None = None
@@ -236,10 +249,7 @@ class CoOp(Method):
             loss = F.cross_entropy(logits, y)
             return loss if extra is None else loss + extra(txt, x, logits)
 
-        tcfg = TrainConfig(epochs=epochs, optimizer="sgd", lr=cfg.lr, momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, schedule="cosine_epoch", warmup_epochs=cfg.warmup_epochs,
-                           warmup_lr=cfg.warmup_lr, grad_clip=cfg.grad_clip, seed=task.seed,
-                           checkpoint_every=cfg.checkpoint_every if cfg.checkpoint_dir else None)
+        tcfg = cfg.train_config(epochs, task.seed)
         model.eval()
         self._train_mode(model)   # BiomedCoOp: the reference's model.train() (text-tower dropout)
         try:

@@ -20,6 +20,14 @@ CVPRW 2024; reference code MaxZanella/CLIP-LoRA ``loralib/layers.py``, ``loralib
 
 The logit scale is the backbone's own and is not trained (OpenAI CLIP: 100, as the reference).
 
+Multi-label tasks (``task: multi_label``; CLIP-SVD inherits all of this): the surgery and the
+schedule are unchanged; the task kind picks the text head (:mod:`workbench.methods.heads`): a
+positive and a negative prompt per finding (``negative="no {}"``), log-odds
+``logit_scale · (cos(f, t⁺) − cos(f, t⁻))``, binary cross-entropy over the known entries (−1 left
+out), selection (``checkpoint_selection="val"``, ``wise_alpha="val"``) by macro AUROC, and one
+threshold per finding chosen by best F1 on the adapted model's K-shot validation logits. No paper
+trains CLIP-LoRA or CLIP-SVD on multi-label data; this head is the workbench's (issue 23).
+
 Options beyond the reference:
 
 * **Comp-LoRA** (``subspace="complement"``, ``protected_rank=p``; Wang et al., arXiv 2501.15040,
@@ -49,7 +57,13 @@ from ...towers.lora import (add_lora, bake_complement, constrain_to_complement, 
                             lora_parameters, save_lora)
 from ...training import ImageBatches, TrainConfig, train
 from ..base import Method
+from ..heads import TextHead, text_head
 from ..registry import register
+
+
+def head_score_name(head: TextHead) -> str:
+    """The fit_info key of the K-shot validation scores: accuracy, or macro AUROC on multi-label."""
+    return "val_macro_auroc" if head.multi_label else "val_accuracy"
 
 
 @dataclass
@@ -91,13 +105,8 @@ class CLIPLoRAConfig:
     protected_rank: int = 32
     #: WiSE-FT: None = adapted weights (alpha 1), a number in [0, 1], or "val" (chosen on the K-shot val set)
     wise_alpha: float | str | None = None
-
-
-def _class_text_features(model, tokens: torch.Tensor, n_templates: int) -> torch.Tensor:
-    """Normalised text features per class: mean over templates of normalised embeddings, renormalised."""
-    feats = F.normalize(model.encode_text(tokens).float(), dim=-1)
-    feats = feats.view(-1, n_templates, feats.shape[-1]).mean(1)
-    return F.normalize(feats, dim=-1)
+    #: multi-label tasks: the negative prompt of a finding ('{}' = its name), paired with the name itself
+    negative: str = "no {}"
 
 
 def _text_is_frozen(cfg) -> bool:
@@ -175,9 +184,12 @@ class CLIPLoRA(Method):
         model, names = self._build(backbone, cfg)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         templates = self._templates(task)
-        prompts = [t.format(c) for c in task.class_names for t in templates]
-        tokens = backbone.tokenize(prompts).to(backbone.device)
+        # the task kind decides the prompts, logits, loss and selection score (workbench.methods.heads)
+        head = text_head(getattr(task, "kind", "single_label"), task.class_names, templates, cfg.negative)
+        tokens = backbone.tokenize(head.prompts()).to(backbone.device)
         images, labels = task.support_images()
+        if head.multi_label:
+            labels = head.targets(task, task.support_samples())
         batches = ImageBatches(images, labels, backbone.augment_transform(tuple(cfg.aug_scale)),
                                cfg.batch_size, seed=task.seed, device=backbone.device)
         total = self._total_iterations(cfg, task, len(batches))
@@ -189,20 +201,22 @@ class CLIPLoRA(Method):
         if _text_is_frozen(cfg):
             model.eval()
             with torch.no_grad(), backbone.autocast():
-                fixed_text = _class_text_features(model, tokens, len(templates))
+                fixed_text = head.text_features(model.encode_text, tokens)
 
         def text_features():
-            return fixed_text if fixed_text is not None else _class_text_features(model, tokens, len(templates))
+            return fixed_text if fixed_text is not None else head.text_features(model.encode_text, tokens)
 
         def loss_fn(batch):
             pixels, labels = batch
             img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            return F.cross_entropy(scale * img @ text_features().T, labels)
+            return head.loss(head.logits(img, text_features(), scale), labels)
 
-        need_val = cfg.checkpoint_selection == "val" or wise == "val"
+        # multi-label always reads the K-shot validation images: the per-finding thresholds come from them
+        need_val = cfg.checkpoint_selection == "val" or wise == "val" or head.multi_label
         val_images, val_labels = task.val_images() if need_val else ([], [])
         val_pixels = torch.stack([backbone.preprocess(im) for im in val_images]) if val_images else None
-        val_labels = torch.tensor(val_labels)
+        val_labels = (head.targets(task, task.val_samples(), support=False) if head.multi_label and val_images
+                      else torch.tensor(val_labels))
         best = {"acc": -1.0, "epoch": None, "state": None}
         # the validation images go through the adapted model in chunks of the feature cache's batch
         # size, halved on a CUDA out-of-memory error (as every encode), never in one batch
@@ -210,11 +224,15 @@ class CLIPLoRA(Method):
                                      getattr(getattr(task, "_cache", None), "batch_size", 64), backbone.device,
                                      name=f"{self.label} validation", precision=backbone.precision)
 
-        def val_accuracy() -> float:
+        def val_logits() -> torch.Tensor:
             with torch.no_grad(), backbone.autocast():
                 img = F.normalize(val_encoder(val_pixels), dim=-1)
                 text = text_features().float().cpu()
-            return float(((img @ text.T).argmax(-1) == val_labels).float().mean())
+            return head.logits(img.float(), text, scale)
+
+        def val_accuracy() -> float:
+            """Accuracy (single-label) or macro AUROC (multi-label) on the K-shot validation set."""
+            return head.score(val_logits(), val_labels)
 
         def on_epoch_end(epoch):
             if (epoch + 1) % cfg.eval_every and epoch + 1 != epochs:
@@ -245,32 +263,55 @@ class CLIPLoRA(Method):
                 scores[a] = val_accuracy()
             # ties go to the larger alpha (closer to the adapted model, the method's own default)
             alpha = max(ALPHA_GRID, key=lambda a: (scores[a], a))
-            wise_info = {"alpha": alpha, "chosen_on": "val", "val_accuracy": {str(a): v for a, v in scores.items()}}
+            wise_info = {"alpha": alpha, "chosen_on": "val",
+                         head_score_name(head): {str(a): v for a, v in scores.items()}}
         elif wise is not None and wise != "val":
             wise_info = {"alpha": wise, "chosen_on": "given"}
         if wise_info is not None:
             interpolate_tensors(model, self._wise_start, self._wise_end, wise_info["alpha"])
-        self._finish(model, backbone, tokens, len(templates), task.class_names, fixed_text)
+        self._finish(model, backbone, tokens, head, fixed_text)
         self.templates_used = templates
         self.fit_info = {"templates": templates, "iterations": history["steps"], "epochs": history["epochs_done"],
                          "final_loss": history["epoch_loss"][-1], "epoch_loss": history["epoch_loss"], "target_modules": len(names),
                          "trainable_parameters": n_trainable,
                          "checkpoint_selection": cfg.checkpoint_selection, "chosen_epoch": best["epoch"],
                          "resumed_from_epoch": history["resumed_from_epoch"], "wise_ft": wise_info,
-                         "lr": cfg.lr, "weight_decay": cfg.weight_decay}
+                         "lr": cfg.lr, "weight_decay": cfg.weight_decay, "task": head.kind}
+        if head.multi_label:
+            self.fit_info.update(loss="binary cross-entropy on the positive/negative prompt pair", negative=cfg.negative)
+            self._choose_thresholds(val_logits() if val_pixels is not None else None, val_labels)
         return self
 
-    def _finish(self, model, backbone, tokens, n_templates, class_names, fixed_text=None):
+    def _head(self) -> TextHead:
+        """The text head of the task the method was fitted on (from fit_info, so also after loading)."""
+        return text_head(self.fit_info.get("task", "single_label"), self.class_names, self.fit_info["templates"],
+                         self.config.negative)
+
+    def _choose_thresholds(self, logits, targets) -> None:
+        """Multi-label: one threshold per finding, best F1 on the K-shot validation logits of the
+        adapted model (0.5 without validation images), as the feature methods choose theirs."""
+        from ...metrics import best_f1_thresholds, sigmoid
+
+        if logits is None:
+            thr = [0.5] * len(self.class_names)
+            self.fit_info["thresholds_from"] = "default 0.5 (no validation images)"
+        else:
+            thr = best_f1_thresholds(sigmoid(logits.double().numpy()), targets.numpy())
+            self.fit_info["thresholds_from"] = f"best F1 per finding on the K-shot validation set ({len(targets)} images)"
+        self.thresholds = torch.tensor(thr, dtype=torch.float64)
+        self.fit_info["thresholds"] = [float(t) for t in self.thresholds]
+
+    def _finish(self, model, backbone, tokens, head, fixed_text=None):
         if fixed_text is not None:
             self.text_weights = fixed_text.cpu()
         else:
             with torch.no_grad(), backbone.autocast():
-                self.text_weights = _class_text_features(model, tokens, n_templates).cpu()
+                self.text_weights = head.text_features(model.encode_text, tokens).cpu()
         self.model = model
         self.adapted = backbone.with_model(model, self.name)
         self.scale = torch.tensor(backbone.logit_scale)
         self.bias = torch.tensor(backbone.logit_bias or 0.0)
-        self.class_names = list(class_names)
+        self.class_names = list(head.class_names)
 
     def interpolate(self, alpha: float) -> "CLIPLoRA":
         """WiSE-FT after fitting: weights ``(1 − α)·zero-shot + α·adapted``; the text classifier follows."""
@@ -279,10 +320,10 @@ class CLIPLoRA(Method):
         if getattr(self, "_wise_end", None) is None or getattr(self, "_merged", False):
             raise ConfigError(f"{self.name}: interpolate() needs the unmerged adapted model; call it before merge().")
         interpolate_tensors(self.model, self._wise_start, self._wise_end, alpha)
-        templates = self.fit_info["templates"]
-        tokens = self.adapted.tokenize([t.format(c) for c in self.class_names for t in templates]).to(self.adapted.device)
+        head = self._head()
+        tokens = self.adapted.tokenize(head.prompts()).to(self.adapted.device)
         with torch.no_grad(), self.adapted.autocast():
-            self.text_weights = _class_text_features(self.model, tokens, len(templates)).cpu()
+            self.text_weights = head.text_features(self.model.encode_text, tokens).cpu()
         self.adapted = self.adapted.with_model(self.model, self.name)
         self.fit_info["wise_ft"] = {"alpha": alpha, "chosen_on": "given"}
         return self
@@ -293,9 +334,22 @@ class CLIPLoRA(Method):
         return self.adapted
 
     def predict_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits for image features from :meth:`image_backbone` (the adapted image encoder)."""
+        """Logits for image features from :meth:`image_backbone` (the adapted image encoder); on a
+        multi-label task the per-finding log-odds of the positive/negative pair."""
         self._check_fitted()
-        return self.scale * features.float() @ self.text_weights.T + self.bias
+        return self._head().logits(features.float(), self.text_weights, self.scale, self.bias)
+
+    def predict_proba(self, features: torch.Tensor) -> torch.Tensor:
+        if self.fit_info.get("task") == "multi_label":
+            return torch.sigmoid(self.predict_logits(features).float())
+        return super().predict_proba(features)
+
+    def predict_findings(self, features: torch.Tensor) -> list[list[str]]:
+        """Multi-label: per image, the findings whose probability reaches its threshold."""
+        if getattr(self, "thresholds", None) is None:
+            raise ConfigError(f"{self.name}: predict_findings() is for a model fitted on a multi-label task.")
+        above = self.predict_proba(features).double() >= self.thresholds.to(torch.float64)[None]
+        return [[self.class_names[j] for j in torch.nonzero(row).flatten().tolist()] for row in above]
 
     def merge(self) -> "CLIPLoRA":
         """Fold the LoRA updates into the weights (``W + s·B·A``): same logits, no adapter overhead."""
@@ -314,10 +368,14 @@ class CLIPLoRA(Method):
 
     # -- persistence ------------------------------------------------------------------------
     def state(self):
-        return {"text_weights": self.text_weights, "scale": self.scale, "bias": self.bias}
+        state = {"text_weights": self.text_weights, "scale": self.scale, "bias": self.bias}
+        if getattr(self, "thresholds", None) is not None:
+            state["thresholds"] = self.thresholds
+        return state
 
     def load_state(self, state):
         self.text_weights, self.scale, self.bias = state["text_weights"], state["scale"], state["bias"]
+        self.thresholds = state.get("thresholds")
 
     def _saved_alpha(self) -> float | None:
         wise = self.fit_info.get("wise_ft")

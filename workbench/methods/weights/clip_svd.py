@@ -87,6 +87,8 @@ class CLIPSVDConfig:
     checkpoint_every: int = 10
     #: WiSE-FT: None = adapted weights (alpha 1), a number in [0, 1], or "val" (chosen on the K-shot val set)
     wise_alpha: float | str | None = None
+    #: multi-label tasks: the negative prompt of a finding ('{}' = its name), paired with the name itself
+    negative: str = "no {}"
 
 
 def apply_preset(config: CLIPSVDConfig) -> CLIPSVDConfig:
