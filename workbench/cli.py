@@ -39,8 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="CLIP domain-adaptation workbench")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list the dataset YAMLs in domains/ (same as: domains list)")
+    p = sub.add_parser("datasets", help="list the dataset YAMLs in domains/, image–text pair sets (task retrieval) "
+                                        "included (same as: domains list)")
     p.add_argument("--domain", default=None, help="only this domain (remote_sensing, medical, agriculture)")
+    p.add_argument("--task", default=None,
+                   help="only this task kind: single_label, multi_label or retrieval (the pair sets)")
 
     p = sub.add_parser("domains", help="the domain packs: list datasets, show one, list backbones")
     dsub = p.add_subparsers(dest="action", required=True)
@@ -128,7 +131,7 @@ def _run(args) -> int:
 
     pd.set_option("display.width", 160)
     if args.command == "datasets":
-        print(wb.list_datasets(args.domain).to_string(index=False))
+        print(wb.list_datasets(args.domain, args.task).to_string(index=False))
     elif args.command == "domains":
         if args.action == "list":
             print(wb.domains.list(args.domain).to_string(index=False))
