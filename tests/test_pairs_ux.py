@@ -45,3 +45,53 @@ def test_cli_datasets_shows_the_pair_sets_and_filters_by_task(capsys):
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "whu_rs19_mini" in out and "whu_rs19_pairs" in out
+
+
+@pytest.fixture
+def pair_csv(tmp_path):
+    """12 bundled images with two captions each; every third one is a test image."""
+    images = sorted((wb.repo_root() / "data" / "whu_rs19_mini").glob("*/*.jpg"))[:12]
+    rows = [{"image": str(p), "a": f"a photo of {p.parent.name}", "b": f"{p.parent.name} from above",
+             "split": "test" if i % 3 == 0 else "train"} for i, p in enumerate(images)]
+    pd.DataFrame(rows).to_csv(tmp_path / "pairs.csv", index=False)
+    return tmp_path / "pairs.csv"
+
+
+def test_cli_finetune_pairs_on_the_offline_set_saves_a_backbone(backbone, tmp_path, capsys, monkeypatch, quiet):
+    monkeypatch.chdir(tmp_path)   # --out is taken from the current directory
+    assert main(["finetune-pairs", "--pairs", "whu_rs19_pairs", "--steps", "1", "--batch-size", "8", "--lr", "1e-2",
+                 "--out", "adapted"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs_lora on whu_rs19_pairs" in out and ": 1 steps" in out and '"test": 0' in out
+    assert "next: workbench retrieve --pairs whu_rs19_pairs --backbone " + str(tmp_path / "adapted") in out
+    meta = json.loads((tmp_path / "adapted" / "backbone.json").read_text())
+    assert meta["adapted_by"]["method"] == "pairs_lora" and meta["adapted_by"]["fit_info"]["steps"] == 1
+    assert meta["weights_hash"] != backbone.weights_hash
+
+
+def test_cli_retrieve_scores_the_base_and_the_fine_tuned_backbone_in_one_table(pair_csv, capsys, monkeypatch, quiet):
+    monkeypatch.chdir(pair_csv.parent)
+    common = ["--pairs", "pairs.csv", "--caption-columns", "a,b", "--split-column", "split"]
+    assert main(["finetune-pairs", *common, "--method", "pairs_svd", "--steps", "2", "--batch-size", "8",
+                 "--lr", "1e-2", "--out", "adapted"]) == 0
+    assert main(["retrieve", *common, "--out", "r"]) == 0
+    assert main(["retrieve", *common, "--backbone", "adapted", "--out", "r"]) == 0
+    out = capsys.readouterr().out
+    assert "i2t_R@1" in out and "t2i_R@10" in out and "mean_recall" in out   # the R@K table
+    table = pd.read_csv(pair_csv.parent / "r" / "results.csv", keep_default_na=False)
+    assert list(table["pretrained"]) == ["", str(pair_csv.parent / "adapted")]   # before and after
+    assert set(table["protocol"]) == {"retrieval"}
+    assert list(table["n_test"]) == [4, 4] and list(table["n_captions"]) == [8, 8]
+    printed = out.strip().splitlines()[-2].split()   # the adapted backbone's row, as printed
+    assert float(printed[printed.index("zero_shot") + 7]) == pytest.approx(100 * table["mean_recall"].iloc[1], abs=0.01)
+
+
+def test_cli_pairs_commands_give_clear_errors(pair_csv, capsys, monkeypatch):
+    monkeypatch.chdir(pair_csv.parent)
+    assert main(["retrieve", "--pairs", "pairs.csv", "--caption-columns", "caption", "--out", "r"]) == 2
+    assert "has no column 'caption'" in capsys.readouterr().err
+    assert main(["retrieve", "--pairs", "whu_rs19_mini", "--out", "r"]) == 2
+    assert "no pair dataset named 'whu_rs19_mini'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["finetune-pairs", "--pairs", "whu_rs19_pairs", "--wise-alpha", "2"])
+    assert "expected a number in [0, 1] or 'val'" in capsys.readouterr().err
