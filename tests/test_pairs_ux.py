@@ -84,6 +84,13 @@ def test_cli_retrieve_scores_the_base_and_the_fine_tuned_backbone_in_one_table(p
     assert list(table["n_test"]) == [4, 4] and list(table["n_captions"]) == [8, 8]
     printed = out.strip().splitlines()[-2].split()   # the adapted backbone's row, as printed
     assert float(printed[printed.index("zero_shot") + 7]) == pytest.approx(100 * table["mean_recall"].iloc[1], abs=0.01)
+    # the folder fine-tuned again (WiSE-FT alpha 0: the base weights): retrieve scores the new weights, not an old row
+    assert main(["finetune-pairs", *common, "--steps", "1", "--batch-size", "8", "--wise-alpha", "0",
+                 "--out", "adapted"]) == 0
+    assert main(["retrieve", *common, "--backbone", "adapted", "--out", "r"]) == 0
+    again = pd.read_csv(pair_csv.parent / "r" / "results.csv", keep_default_na=False)
+    assert len(again) == 2 and again["run_id"].iloc[1] != table["run_id"].iloc[1]
+    assert again["mean_recall"].iloc[1] == table["mean_recall"].iloc[0]   # alpha 0 scores as the base
 
 
 def test_cli_pairs_commands_give_clear_errors(pair_csv, capsys, monkeypatch):
@@ -95,3 +102,21 @@ def test_cli_pairs_commands_give_clear_errors(pair_csv, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main(["finetune-pairs", "--pairs", "whu_rs19_pairs", "--wise-alpha", "2"])
     assert "expected a number in [0, 1] or 'val'" in capsys.readouterr().err
+
+
+def test_pairs_notebook_parameters_are_checked_before_any_work():
+    from workbench.notebook import check_parameters, declared_parameters
+
+    nb = "12_image_text_pairs.ipynb"
+    defaults = {k: v["default"] for k, v in declared_parameters(nb).items()}
+    assert check_parameters(dict(defaults), nb)["wise_alpha"] == "val"
+    assert check_parameters(dict(defaults, wise_alpha=0.5), nb)["wise_alpha"] == 0.5   # papermill -p wise_alpha 0.5
+    assert check_parameters(dict(defaults, pairs="domains/remote_sensing/pairs/rsicd.yaml"), nb)   # from the root
+    for bad, message in [({"wise_alpha": 2}, "'wise_alpha': expected 'val'.*got 2"),
+                         ({"wise_alpha": "best"}, "'wise_alpha': expected 'val'"),
+                         ({"pairs": "whu_rs19_mini"}, "no pair dataset named 'whu_rs19_mini'"),
+                         ({"pairs": "no/such.yaml"}, "pair-dataset YAML 'no/such.yaml' does not exist"),
+                         ({"pairs_method": "clip_lora"}, "does not support retrieval"),
+                         ({"steps": -1}, "'steps': expected a non-negative integer")]:
+        with pytest.raises(ConfigError, match=message):
+            check_parameters(dict(defaults, **bad), nb)

@@ -235,7 +235,7 @@ def _run(args) -> int:
         out = Path(args.out).expanduser().resolve()
         pairs = _load_pairs(args)   # before the backbone: a bad file fails in a second
         backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
-        table = wb.compare(pairs, backbone, ["zero_shot"], shots=[0], seeds=[0], protocol="retrieval",
+        table = wb.compare(pairs, backbone, ["zero_shot"], shots=[0], seeds=[0], protocol="retrieval", resume=False,
                            cache=wb.FeatureCache(backbone, out / "features"), out_dir=out)
         print(f"{pairs.describe()}\n{pairs.card}".rstrip())
         print(retrieval_table(table).to_string(index=False))

@@ -46,9 +46,11 @@ def declared_parameters(notebook: str | Path) -> dict[str, dict]:
 
 def _type_ok(value: Any, annotation: str) -> bool:
     ns = {"list": list, "dict": dict, "tuple": tuple, "str": str, "int": int, "float": float, "bool": bool,
-          "None": None, "typing": typing, "Optional": typing.Optional}
+          "None": None, "typing": typing, "Optional": typing.Optional, "Union": typing.Union}
     try:
         ann = eval(annotation, ns)  # annotations are simple literal types written by us
+        if isinstance(ann, str):  # quoted, e.g. "Union[float, str]" (papermill's parser reads no `float | str`)
+            ann = eval(ann, ns)
     except Exception:
         return True
     return _matches(value, ann)
@@ -107,6 +109,27 @@ def _check_values(values: dict) -> None:
         list_datasets(values["domain"])  # unknown domain -> clear error
     if values.get("backbone"):
         _check_backbone(values["backbone"])
+    _check_pair_values(values)
+
+
+def _check_pair_values(values: dict) -> None:
+    """The image–text pair notebook's parameters: the pair set, the pairs method, WiSE-FT's alpha, steps."""
+    if values.get("pairs"):
+        from .data.pairs import load_pair_spec
+
+        load_pair_spec(values["pairs"])   # an unknown name or a bad YAML -> its clear error
+    if "pairs_method" in values:
+        from .methods.registry import check_method_task
+
+        check_method_task(values["pairs_method"], "retrieval")
+    alpha = values.get("wise_alpha", "val")
+    if alpha != "val" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ConfigError(f"parameter 'wise_alpha': expected 'val' (chosen on the val split's mean recall) or a "
+                          f"number in [0, 1], got {alpha!r}.")
+    for key in ("steps", "batch_size"):
+        if key in values and values[key] < (0 if key == "steps" else 1):
+            raise ConfigError(f"parameter {key!r}: expected a {'non-negative' if key == 'steps' else 'positive'} "
+                              f"integer, got {values[key]!r}.")
     if values.get("data_path"):
         _check_data_path(values["data_path"])
 
