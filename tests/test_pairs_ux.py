@@ -120,3 +120,17 @@ def test_pairs_notebook_parameters_are_checked_before_any_work():
                          ({"steps": -1}, "'steps': expected a non-negative integer")]:
         with pytest.raises(ConfigError, match=message):
             check_parameters(dict(defaults, **bad), nb)
+
+
+def test_pairs_bench_takes_vit_b16_at_a_cpu_batch_and_says_so(monkeypatch):
+    import argparse
+    import importlib
+
+    monkeypatch.syspath_prepend(str(wb.repo_root() / "bench"))
+    bench = importlib.import_module("pairs")
+    args = argparse.Namespace(device="cpu", batch=64, vit_batch=None, configs="pairs_lora,plain_full")
+    assert bench.batch_for("workbench-tiny", args) == (64, "")
+    batch, note = bench.batch_for("ViT-B-16", args)
+    assert batch == bench.VIT_CPU_BATCH < 64 and "not the issue's 64" in note and "too slow on this CPU" in note
+    assert bench.batch_for("ViT-B-16", argparse.Namespace(**{**vars(args), "vit_batch": 64})) == (64, "")
+    assert bench.batch_for("ViT-B-16", argparse.Namespace(**{**vars(args), "device": "cuda:1"})) == (64, "")
