@@ -109,6 +109,8 @@ def _check_values(values: dict) -> None:
         list_datasets(values["domain"])  # unknown domain -> clear error
     if values.get("backbone"):
         _check_backbone(values["backbone"])
+    if values.get("data_path"):
+        _check_data_path(values["data_path"])
     _check_pair_values(values)
 
 
@@ -126,12 +128,8 @@ def _check_pair_values(values: dict) -> None:
     if alpha != "val" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise ConfigError(f"parameter 'wise_alpha': expected 'val' (chosen on the val split's mean recall) or a "
                           f"number in [0, 1], got {alpha!r}.")
-    for key in ("steps", "batch_size"):
-        if key in values and values[key] < (0 if key == "steps" else 1):
-            raise ConfigError(f"parameter {key!r}: expected a {'non-negative' if key == 'steps' else 'positive'} "
-                              f"integer, got {values[key]!r}.")
-    if values.get("data_path"):
-        _check_data_path(values["data_path"])
+    if values.get("steps", 0) < 0:
+        raise ConfigError(f"parameter 'steps': expected a non-negative integer, got {values['steps']!r}.")
 
 
 def _check_data_path(path: str) -> None:
