@@ -1,5 +1,7 @@
 """Image–text pairs from the user's side: the listing, the command line (retrieve, finetune-pairs)."""
 import json
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -45,6 +47,10 @@ def test_cli_datasets_shows_the_pair_sets_and_filters_by_task(capsys):
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "whu_rs19_mini" in out and "whu_rs19_pairs" in out
+    code = ("import sys\nfrom workbench.cli import main\nmain(['datasets', '--task', 'retrieval'])\n"
+            "print('TORCH LOADED' if 'torch' in sys.modules else 'NO TORCH')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("NO TORCH"), proc.stderr   # the listing stays light
 
 
 @pytest.fixture
