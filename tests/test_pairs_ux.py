@@ -118,7 +118,8 @@ def test_pairs_notebook_parameters_are_checked_before_any_work():
     assert check_parameters(dict(defaults), nb)["wise_alpha"] == "val"
     assert check_parameters(dict(defaults, wise_alpha=0.5), nb)["wise_alpha"] == 0.5   # papermill -p wise_alpha 0.5
     assert check_parameters(dict(defaults, pairs="domains/remote_sensing/pairs/rsicd.yaml"), nb)   # from the root
-    for bad, message in [({"wise_alpha": 2}, "'wise_alpha': expected 'val'.*got 2"),
+    for bad, message in [({"wise_alpha": [0.5]}, r"'wise_alpha' should be Union\[float, str\]"),
+                         ({"wise_alpha": 2}, "'wise_alpha': expected 'val'.*got 2"),
                          ({"wise_alpha": "best"}, "'wise_alpha': expected 'val'"),
                          ({"pairs": "whu_rs19_mini"}, "no pair dataset named 'whu_rs19_mini'"),
                          ({"pairs": "no/such.yaml"}, "pair-dataset YAML 'no/such.yaml' does not exist"),

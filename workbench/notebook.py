@@ -38,7 +38,9 @@ def declared_parameters(notebook: str | Path) -> dict[str, dict]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             line = lines[node.lineno - 1]
             help_text = line.split("#", 1)[1].strip() if "#" in line else ""
-            params[node.target.id] = {"annotation": ast.unparse(node.annotation),
+            quoted = isinstance(node.annotation, ast.Constant) and isinstance(node.annotation.value, str)
+            # quoted, e.g. "Union[float, str]": papermill's parser reads no `float | str`
+            params[node.target.id] = {"annotation": node.annotation.value if quoted else ast.unparse(node.annotation),
                                       "default": ast.literal_eval(node.value) if node.value else None,
                                       "help": help_text}
     return params
@@ -49,8 +51,6 @@ def _type_ok(value: Any, annotation: str) -> bool:
           "None": None, "typing": typing, "Optional": typing.Optional, "Union": typing.Union}
     try:
         ann = eval(annotation, ns)  # annotations are simple literal types written by us
-        if isinstance(ann, str):  # quoted, e.g. "Union[float, str]" (papermill's parser reads no `float | str`)
-            ann = eval(ann, ns)
     except Exception:
         return True
     return _matches(value, ann)
