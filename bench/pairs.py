@@ -21,10 +21,14 @@
    process; the recalls must agree; printed: seconds, peak extra memory (RSS) and the ratios.
 
 Usage:
-  python bench/pairs.py                                   # both parts, offline model, CPU
-  python bench/pairs.py --part steps --batch 64 --steps 5
+  python bench/pairs.py                       # both parts: offline model at batch 64, random ViT-B/16, CPU
+  python bench/pairs.py --part steps --backbones workbench-tiny --batch 64 --steps 5
   python bench/pairs.py --part retrieval --images 10000
-  python bench/pairs.py --backbone ViT-B-16 --batch 16   # random ViT-B/16 (same cost as trained weights)
+  python bench/pairs.py --backbones ViT-B-16 --vit-batch 64    # ViT-B/16 at the issue's batch (slow on a CPU)
+  python bench/pairs.py --backbones ViT-B-16 --device cuda     # on a GPU: --batch (64)
+
+ViT-B/16 (random weights: the same cost as trained ones) runs on a CPU at batch 8 by default, and the
+output says so: at 64 one fp32 step takes minutes on two cores.
 """
 from __future__ import annotations
 
@@ -109,17 +113,47 @@ def run_step(config: str, backbone_name: str, batch: int, steps: int, device: st
             "peak_mb": _peak_memory_mb(dev), "trainable": sum(p.numel() for p in params)}
 
 
+#: the issue's batch for the contrastive step figures
+ISSUE_BATCH = 64
+#: ViT-B/16's batch on a CPU by default: at 64 one fp32 step of full fine-tuning takes minutes on 2 cores
+#: (README: CLIP-LoRA at batch 8 took 18 s per step), so the four configurations would take over half an hour
+VIT_CPU_BATCH = 8
+
+
+def batch_for(backbone: str, args) -> tuple[int, str]:
+    """The batch of one backbone's step figures, and a note when it is not the issue's 64."""
+    if backbone == "workbench-tiny" or args.device.startswith("cuda"):
+        batch = args.batch
+        return batch, "" if batch == ISSUE_BATCH else f"NOTE: batch {batch}, not the issue's {ISSUE_BATCH} (--batch)."
+    batch = args.vit_batch or VIT_CPU_BATCH
+    if batch == ISSUE_BATCH:
+        return batch, ""
+    return batch, (f"NOTE: batch {batch}, not the issue's {ISSUE_BATCH}: {backbone} at batch {ISSUE_BATCH} is too slow "
+                   f"on this CPU (fp32, minutes per step for each of {len(args.configs.split(','))} configurations). "
+                   "Step time grows about linearly with the batch; read the ratios to plain_full. "
+                   f"--vit-batch {ISSUE_BATCH} takes the figure at {ISSUE_BATCH}.")
+
+
 def part_steps(args) -> None:
+    for backbone in args.backbones.split(","):
+        batch, note = batch_for(backbone, args)
+        step_rows(args, backbone, batch, note)
+
+
+def step_rows(args, backbone: str, batch: int, note: str) -> None:
     rows = {}
     for config in args.configs.split(","):
-        cmd = [sys.executable, __file__, "--child", config, "--backbone", args.backbone, "--batch", str(args.batch),
+        cmd = [sys.executable, __file__, "--child", config, "--backbone", backbone, "--batch", str(batch),
                "--steps", str(args.steps), "--device", args.device]
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
         if out.returncode:
             print(out.stderr[-2000:])
             raise SystemExit(f"{config} failed")
         rows[config] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"contrastive step, {args.backbone}, batch {args.batch}, device {args.device}, {args.steps} timed steps")
+    random = " (random weights: speed and memory do not depend on the values)" if backbone != "workbench-tiny" else ""
+    print(f"contrastive step, {backbone}{random}, batch {batch}, device {args.device}, {args.steps} timed steps")
+    if note:
+        print(note)
     print(f"{'config':12s} {'trainable':>11s} {'min s':>8s} {'median s':>9s} {'peak MB':>9s} {'time/plain':>10s} "
           f"{'mem/plain':>9s}")
     base = rows.get("plain_full")
@@ -205,8 +239,13 @@ def part_retrieval(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("steps", "retrieval", "both"), default="both")
-    ap.add_argument("--backbone", default="workbench-tiny")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--backbones", default="workbench-tiny,ViT-B-16",
+                    help="comma-separated: the offline model and a random ViT-B/16 (default: %(default)s)")
+    ap.add_argument("--backbone", default=None, help=argparse.SUPPRESS)   # a child's one backbone
+    ap.add_argument("--batch", type=int, default=ISSUE_BATCH)
+    ap.add_argument("--vit-batch", type=int, default=None,
+                    help=f"batch of a backbone other than workbench-tiny on a CPU (default {VIT_CPU_BATCH}; "
+                         "on cuda --batch is used)")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--configs", default=",".join(CONFIGS))

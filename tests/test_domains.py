@@ -11,7 +11,9 @@ from workbench.errors import ConfigError
 def test_every_yaml_validates_and_offline_sets_load(backbone, quiet):
     table = wb.list_datasets()
     assert {"whu_rs19_mini", "pneumoniamnist_mini"} <= set(table["name"])
-    for name in table[table["offline"]]["name"]:
+    for name in table[table["offline"] & (table["task"] == "retrieval")]["name"]:
+        assert wb.load_pairs(name).has_split("test")   # image–text pairs: wb.load_pairs, not load_dataset
+    for name in table[table["offline"] & (table["task"] != "retrieval")]["name"]:
         ds = wb.load_dataset(name)
         assert ds.templates and ds.domain
         multi = getattr(ds, "task", "single_label") == "multi_label"

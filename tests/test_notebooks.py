@@ -197,3 +197,12 @@ def test_papermill_documents_every_parameter(path):
     for name, info in declared_parameters(path).items():
         assert name in listed, f"{path.name}: papermill --help-notebook does not list {name!r}:\n{proc.stdout}"
         assert info["help"].split()[0] in proc.stdout
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_code_cell_fits_the_hooks_25_line_limit(path):
+    """The before-stop hook flags a code cell over 25 lines (the parameters cell included)."""
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert len("".join(cell["source"]).splitlines()) <= 25, f"{path.name} cell {i}"

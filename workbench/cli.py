@@ -8,6 +8,7 @@ current directory, as a shell user expects.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -35,12 +36,56 @@ def _dataset_argument(text: str) -> str:
     return str(p.resolve()) if p.exists() else text
 
 
+def _wise_alpha(text: str):
+    if text == "val":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'val', got {text!r}")
+    return value
+
+
+def _pairs_arguments(p: argparse.ArgumentParser, out: str, out_help: str) -> None:
+    """The options ``retrieve`` and ``finetune-pairs`` share: the pairs, the backbone, the device, the output."""
+    p.add_argument("--pairs", required=True, type=_dataset_argument,
+                   help="a pair dataset name (workbench datasets --task retrieval, e.g. whu_rs19_pairs, the offline "
+                        "set), a pair YAML, or a CSV with an image column and caption column(s)")
+    p.add_argument("--image-column", default="image", help="a CSV's image-path column (default: %(default)s)")
+    p.add_argument("--caption-columns", default="caption", type=_names,
+                   help="a CSV's caption column(s), comma-separated, e.g. sent1,sent2 (default: %(default)s)")
+    p.add_argument("--split-column", default=None,
+                   help="a CSV's split column (train/val/test); default: val and test held out with a fixed seed")
+    p.add_argument("--backbone", default="workbench-tiny", type=_dataset_argument,
+                   help="open_clip architecture, backbone alias, hf-hub:ORG/REPO, or a backbone folder written by "
+                        "finetune-pairs (default: %(default)s, the offline model)")
+    p.add_argument("--pretrained", default="", help="pretrained tag or checkpoint path, e.g. openai (default: none)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (default: %(default)s)")
+    p.add_argument("--out", default=out, help=f"{out_help}, relative to the current directory (default: %(default)s)")
+
+
+def _load_pairs(args):
+    """The pair dataset ``--pairs`` names: a CSV read with the column options, else a pair YAML or name."""
+    import workbench as wb
+    from workbench.data.pairs import pairs_from_csv
+
+    if args.pairs.lower().endswith(".csv"):
+        return pairs_from_csv(args.pairs, image_column=args.image_column, caption_columns=args.caption_columns,
+                              split_column=args.split_column)
+    return wb.load_pairs(args.pairs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="CLIP domain-adaptation workbench")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="list the dataset YAMLs in domains/ (same as: domains list)")
+    p = sub.add_parser("datasets", help="list the dataset YAMLs in domains/, image–text pair sets (task retrieval) "
+                                        "included (same as: domains list)")
     p.add_argument("--domain", default=None, help="only this domain (remote_sensing, medical, agriculture)")
+    p.add_argument("--task", default=None,
+                   help="only this task kind: single_label, multi_label or retrieval (the pair sets)")
 
     p = sub.add_parser("domains", help="the domain packs: list datasets, show one, list backbones")
     dsub = p.add_subparsers(dest="action", required=True)
@@ -105,6 +150,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (runs, splits, features, the chosen model), relative to the current directory "
                         "(default: %(default)s)")
 
+    p = sub.add_parser("retrieve", help="image–text retrieval of a backbone on a pair dataset: R@1/5/10 both ways "
+                                        "and mean recall on its test split")
+    _pairs_arguments(p, "outputs/retrieve", "output folder (results.csv, runs/, feature cache)")
+
+    p = sub.add_parser("finetune-pairs", help="contrastive fine-tuning (FLYP) of a backbone on image–text pairs; "
+                                              "saves a backbone folder that --backbone / wb.load_backbone read")
+    _pairs_arguments(p, "outputs/finetune_pairs", "the backbone folder written (replaced if it exists)")
+    p.add_argument("--method", default="pairs_lora", choices=["pairs_lora", "pairs_svd", "pairs_full"],
+                   help="LoRA on q/k/v of both towers, CLIP-SVD's singular values, or every weight (default: "
+                        "%(default)s)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps (default: --epochs passes over the train split's captions)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the train captions (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=256, help="pairs per step (default: %(default)s, FLYP)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW learning rate (default: 2e-4 for LoRA/SVD, 1e-5 for full, FLYP)")
+    p.add_argument("--encoder", default="both", choices=["both", "vision", "text"],
+                   help="which towers are adapted (default: %(default)s)")
+    p.add_argument("--wise-alpha", default=None, type=_wise_alpha,
+                   help="WiSE-FT: a number in [0, 1] (0 = pretrained, 1 = fine-tuned) or 'val' (chosen by mean "
+                        "recall on the pairs' val split); default: the fine-tuned weights")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoint each epoch there; rerun the same command to resume (default: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the batches, augmentation, LoRA init")
+
     p = sub.add_parser("sweep", help="run or resume a sweep described by a YAML spec")
     p.add_argument("spec")
     p.add_argument("--workers", type=int, default=None)
@@ -131,7 +201,7 @@ def _run(args) -> int:
 
     pd.set_option("display.width", 160)
     if args.command == "datasets":
-        print(wb.list_datasets(args.domain).to_string(index=False))
+        print(wb.list_datasets(args.domain, args.task).to_string(index=False))
     elif args.command == "domains":
         if args.action == "list":
             print(wb.domains.list(args.domain).to_string(index=False))
@@ -162,6 +232,36 @@ def _run(args) -> int:
                         split_dir=out / "splits", cache_dir=out / "features", unlabeled=args.unlabeled)
         print(rec.ranking().to_string(index=False))
         print(f"\n{rec.summary}\nchosen model: {rec.model_dir}")
+    elif args.command == "retrieve":
+        from workbench.report import retrieval_table
+
+        out = Path(args.out).expanduser().resolve()
+        pairs = _load_pairs(args)   # before the backbone: a bad file fails in a second
+        backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
+        table = wb.compare(pairs, backbone, ["zero_shot"], shots=[0], seeds=[0], protocol="retrieval", resume=False,
+                           cache=wb.FeatureCache(backbone, out / "features"), out_dir=out)
+        print(f"{pairs.describe()}\n{pairs.card}".rstrip())
+        print(retrieval_table(table).to_string(index=False))
+        print(f"results: {out / 'results.csv'}")
+    elif args.command == "finetune-pairs":
+        out = Path(args.out).expanduser().resolve()
+        pairs = _load_pairs(args)
+        backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
+        params = {"steps": args.steps, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                  "encoder": args.encoder, "wise_alpha": args.wise_alpha, "seed": args.seed,
+                  "checkpoint_dir": str(Path(args.checkpoint_dir).expanduser().resolve()) if args.checkpoint_dir
+                  else None}
+        fitted = wb.fine_tune_pairs(pairs, backbone, args.method, **params)
+        folder = fitted.save(out)
+        info = fitted.fit_info
+        loss = info["loss"]
+        print(f"{args.method} on {pairs.describe()}: {info['steps']} steps, {info['trainable_parameters']:,} "
+              f"trainable parameters, lr {info['lr']:g}"
+              + (f", loss {loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "")
+              + f"; saw {json.dumps(info['saw'])}; captions truncated: {info['captions_truncated']}")
+        if info["wise_ft"]:
+            print(f"WiSE-FT alpha {info['wise_ft']['alpha']:g} ({info['wise_ft']['chosen_on']})")
+        print(f"backbone: {folder}\nnext: workbench retrieve --pairs {args.pairs} --backbone {folder}")
     elif args.command == "sweep":
         from workbench.sweep import sweep
 

@@ -242,6 +242,10 @@ def spec_path(name_or_path: str | Path) -> Path:
             raise ConfigError(f"dataset YAML {str(name_or_path)!r} does not exist.")
         return p
     matches = sorted(domains_dir().glob(f"*/{name_or_path}.yaml"))
+    if not matches and any(domains_dir().glob(f"*/pairs/{name_or_path}.yaml")):
+        raise ConfigError(f"{str(name_or_path)!r} is an image–text pair dataset (task: retrieval), not a "
+                          f"classification dataset: load it with wb.load_pairs({str(name_or_path)!r}), or on the "
+                          f"command line `workbench retrieve --pairs {name_or_path}`.")
     if not matches:
         known = [q.stem for q in domains_dir().glob("*/*.yaml")]
         raise ConfigError(f"no dataset named {str(name_or_path)!r} in {domains_dir()}, and {str(name_or_path)!r} "
@@ -260,25 +264,46 @@ def load_spec(name_or_path: str | Path, check_presets: bool = True) -> dict:
     return spec
 
 
-def list_datasets(domain: str | None = None) -> "Any":
-    """All dataset YAMLs as a table (name, domain, classes, source, metric)."""
+def list_datasets(domain: str | None = None, task: str | None = None) -> "Any":
+    """All dataset YAMLs as a table (name, domain, classes, source, metric, offline, backbones, task).
+
+    The image–text pair YAMLs (``domains/<domain>/pairs/``, loaded by ``wb.load_pairs``) are listed
+    after the classification sets with task ``retrieval``, no classes and their primary metric
+    (mean recall). ``task`` keeps only one task kind (``single_label``, ``multi_label``, ``retrieval``
+    or an alias).
+    """
     import pandas as pd
+
+    from .data.pairs import load_pair_spec, pair_specs_dir
 
     rows = []
     domains = sorted({p.parent.name for p in domains_dir().glob("*/*.yaml")})
     if domain and domain not in domains:
         raise ConfigError(f"unknown domain {domain!r}; domains: {domains}." + did_you_mean(domain, domains))
+    wanted = task_kind(task).name if task else None
     for path in sorted(domains_dir().glob("*/*.yaml")):
         spec = load_spec(path, check_presets=False)  # a listing, without torch; loading the dataset checks them
-        if domain and spec["domain"] != domain:
-            continue
         src = spec["source"]
-        where = src.get("repo_id") or src.get("path") or src.get("generator")
         rows.append({"name": spec["name"], "domain": spec["domain"], "classes": len(spec["classes"]),
-                     "source": f"{src['kind']}:{where}", "metric": spec.get("metric", "accuracy"),
+                     "source": _source_text(src), "metric": spec.get("metric", "accuracy"),
                      "offline": bool(spec.get("offline", False)),
-                     "backbones": ", ".join(spec.get("recommended_backbones", []))})
-    return pd.DataFrame(rows, columns=["name", "domain", "classes", "source", "metric", "offline", "backbones"])
+                     "backbones": ", ".join(spec.get("recommended_backbones", [])),
+                     "task": task_kind(spec.get("task", "single_label")).name})
+    for path in pair_specs_dir():
+        spec = load_pair_spec(path)
+        sources = builtins.list(spec.get("sources") or []) + ([spec["source"]] if "source" in spec else [])
+        rows.append({"name": spec["name"], "domain": spec["domain"], "classes": 0,
+                     "source": " | ".join(_source_text(s) for s in sources),
+                     "metric": task_kind("retrieval").primary_metric, "offline": bool(spec.get("offline", False)),
+                     "backbones": ", ".join(spec.get("recommended_backbones", [])), "task": "retrieval"})
+    rows = [r for r in rows if (not domain or r["domain"] == domain) and (not wanted or r["task"] == wanted)]
+    return pd.DataFrame(rows, columns=["name", "domain", "classes", "source", "metric", "offline", "backbones",
+                                       "task"])
+
+
+def _source_text(src: dict) -> str:
+    where = src.get("repo_id") or src.get("path") or src.get("generator")
+    return f"{src['kind']}:{where}" if where else src["kind"]
 
 
 def show(name: str) -> str:
@@ -302,7 +327,7 @@ def show(name: str) -> str:
 def offline_dataset(domain: str) -> str:
     """The name of the domain's dataset that needs no network (the notebooks' default)."""
     table = list_datasets(domain)
-    offline = table[table["offline"]]
+    offline = table[table["offline"] & (table["task"] != "retrieval")]   # pair sets load with wb.load_pairs
     if offline.empty:
         raise ConfigError(f"domain {domain!r} has no offline dataset.")
     return str(offline["name"].iloc[0])

@@ -38,7 +38,9 @@ def declared_parameters(notebook: str | Path) -> dict[str, dict]:
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             line = lines[node.lineno - 1]
             help_text = line.split("#", 1)[1].strip() if "#" in line else ""
-            params[node.target.id] = {"annotation": ast.unparse(node.annotation),
+            quoted = isinstance(node.annotation, ast.Constant) and isinstance(node.annotation.value, str)
+            # quoted, e.g. "Union[float, str]": papermill's parser reads no `float | str`
+            params[node.target.id] = {"annotation": node.annotation.value if quoted else ast.unparse(node.annotation),
                                       "default": ast.literal_eval(node.value) if node.value else None,
                                       "help": help_text}
     return params
@@ -46,7 +48,7 @@ def declared_parameters(notebook: str | Path) -> dict[str, dict]:
 
 def _type_ok(value: Any, annotation: str) -> bool:
     ns = {"list": list, "dict": dict, "tuple": tuple, "str": str, "int": int, "float": float, "bool": bool,
-          "None": None, "typing": typing, "Optional": typing.Optional}
+          "None": None, "typing": typing, "Optional": typing.Optional, "Union": typing.Union}
     try:
         ann = eval(annotation, ns)  # annotations are simple literal types written by us
     except Exception:
@@ -109,6 +111,25 @@ def _check_values(values: dict) -> None:
         _check_backbone(values["backbone"])
     if values.get("data_path"):
         _check_data_path(values["data_path"])
+    _check_pair_values(values)
+
+
+def _check_pair_values(values: dict) -> None:
+    """The image–text pair notebook's parameters: the pair set, the pairs method, WiSE-FT's alpha, steps."""
+    if values.get("pairs"):
+        from .data.pairs import load_pair_spec
+
+        load_pair_spec(values["pairs"])   # an unknown name or a bad YAML -> its clear error
+    if "pairs_method" in values:
+        from .methods.registry import check_method_task
+
+        check_method_task(values["pairs_method"], "retrieval")
+    alpha = values.get("wise_alpha", "val")
+    if alpha != "val" and not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise ConfigError(f"parameter 'wise_alpha': expected 'val' (chosen on the val split's mean recall) or a "
+                          f"number in [0, 1], got {alpha!r}.")
+    if values.get("steps", 0) < 0:
+        raise ConfigError(f"parameter 'steps': expected a non-negative integer, got {values['steps']!r}.")
 
 
 def _check_data_path(path: str) -> None:

@@ -250,6 +250,30 @@ def summary_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFram
     return _transductive_column(out) if _any_transductive(table) else out   # the column only when some row is
 
 
+def retrieval_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The ``retrieval`` rows of a results table as the R@K table of the literature (percent).
+
+    One row per (dataset, backbone, pretrained weights or backbone folder, method): image→text and
+    text→image R@1/5/10 and mean recall, mean over seeds (the rows hold fractions; shown ×100), with
+    the test images and captions counted and the captions longer than the text context.
+    """
+    from .retrieval import KS
+
+    rows_ = table[table["protocol"] == "retrieval"] if "protocol" in table else table.iloc[:0]
+    if rows_.empty:
+        raise ConfigError("retrieval_table: the table has no retrieval rows (protocol 'retrieval'); run "
+                          "wb.compare(wb.load_pairs(...), backbone, ['zero_shot'], [0], [0], protocol='retrieval').")
+    recalls = [*(f"i2t_R@{k}" for k in KS), *(f"t2i_R@{k}" for k in KS), "mean_recall"]
+    keys = ["dataset", "backbone", "pretrained", "method"]
+    rows_ = rows_.assign(pretrained=rows_["pretrained"].fillna("")) if "pretrained" in rows_ else rows_
+    out = rows_.groupby(keys, sort=False).agg(
+        {**{c: "mean" for c in recalls}, "seed": "nunique", "n_test": "first", "n_captions": "first",
+         "captions_truncated": "first"}).reset_index()
+    out[recalls] = (out[recalls].astype(float) * 100).round(2)
+    return out.rename(columns={"seed": "seeds", "n_test": "images", "n_captions": "captions",
+                               "captions_truncated": "truncated"})
+
+
 def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
     """The command line's summary: per dataset, a header naming metric, backbone and seeds, then mean ± std per K."""
     blocks = []

@@ -559,6 +559,12 @@ def load_pair_spec(name_or_path) -> dict:
             raise ConfigError(f"no pair dataset named {str(name_or_path)!r}; known: {known}."
                               + did_you_mean(str(name_or_path), known))
         p = found[0]
+    elif not p.is_absolute() and not p.exists():
+        from ..paths import repo_root
+
+        p = repo_root() / p   # a notebook's kernel runs in notebooks/: paths from the repository root too
+    if not p.is_file():
+        raise ConfigError(f"pair-dataset YAML {str(name_or_path)!r} does not exist.")
     spec = validate_pair_spec(yaml.safe_load(p.read_text()), str(p))
     spec["_file"] = str(p)
     return spec
