@@ -25,7 +25,7 @@ def test_every_method_is_listed_with_family_training_reference_and_cost():
     assert list(table.index) == wb.available_methods()
     assert set(table.columns) == {"family", "trains", "reference", "cost", "tasks"}
     assert not table.isna().any().any() and (table != "").all().all()
-    assert set(table["family"]) <= {"features", "prompts", "weights"}
+    assert set(table["family"]) <= {"features", "prompts", "weights", "pairs"}
 
 
 @pytest.mark.parametrize("entry", METHODS, ids=lambda e: e.name)

@@ -31,6 +31,8 @@ _EXPORTS = {
     "available_methods": "methods", "get_method": "methods",
     "repo_root": "paths", "resolve": "paths",
     "Predictor": "predictor", "load": "predictor",
+    "load_pairs": "data.pairs", "evaluate_retrieval": "retrieval", "save_backbone": "backbones",
+    "fine_tune_pairs": "methods.pairs.contrastive",
 }
 _SUBMODULES = ["data", "domains", "notebook", "prompts", "report"]
 

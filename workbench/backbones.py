@@ -12,6 +12,8 @@
   ``pretrained="url-zip:https://…/SkyCLIP_ViT_L14_top50pct.zip#epoch_20.pt"`` (downloaded and
   unpacked once into ``cache_dir`` or ``~/.cache/workbench/checkpoints``; ``#NAME`` is the file
   name inside the archive);
+* a folder written by :func:`save_backbone` (a backbone fine-tuned on image–text pairs by a
+  ``pairs`` method): ``load_backbone("runs/my_adapted_backbone")``;
 * the offline default ``"workbench-tiny"``: a small open_clip architecture registered by this
   package, randomly initialised with a fixed seed. It needs no network and runs fast on two CPU
   cores; it **demonstrates the workflow only** (its zero-shot accuracy is chance level).
@@ -367,6 +369,9 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
     """Load an open_clip model (see the module docstring for every accepted form)."""
     import open_clip
 
+    if not pretrained and (Path(os.path.expanduser(name)) / SAVED_BACKBONE_FILE).is_file():
+        # a folder written by save_backbone (e.g. contrastive fine-tuning on pairs)
+        return _load_saved_backbone(Path(os.path.expanduser(name)), device, precision)
     register_model_configs()
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
@@ -491,3 +496,85 @@ def _offline_error(name: str, pretrained: str | None, reason: str, err: BaseExce
         what, reason, "Load it once on a machine with network (same cache_dir), or use local weights: "
         "load_backbone(ARCH, '/path/to/weights.pt'), 'local-dir:/path/to/model' (a folder with "
         "open_clip_config.json and weights), or the offline default 'workbench-tiny'.", err))
+
+
+# -- adapted backbones saved as folders (contrastive fine-tuning on pairs) ------------------------
+
+SAVED_BACKBONE_FILE = "backbone.json"
+
+
+def save_backbone(backbone: Backbone, folder, info: dict | None = None) -> Path:
+    """Write ``backbone`` as a folder ``load_backbone(folder)`` reads: the open_clip state dict
+    (``open_clip_model.safetensors``, float32) and ``backbone.json`` (the base architecture and
+    pretrained tag it is built on, QuickGELU, how it was adapted, and each file's size and SHA-256).
+    Written atomically; never a pickle."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .methods.base import atomic_folder, file_manifest
+
+    quick_gelu = any(type(m).__name__ == "QuickGELU" for m in backbone.model.modules())
+    with atomic_folder(folder) as tmp:
+        state = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.detach().cpu().contiguous()
+                 for k, v in backbone.model.state_dict().items()}
+        save_file(state, str(tmp / "open_clip_model.safetensors"))
+        base = backbone.source.get("base") or {"name": backbone.name, "pretrained": backbone.pretrained}
+        meta = {"format": 1, "kind": "workbench-backbone", "base": base, "quick_gelu": quick_gelu,
+                "adapted_by": info or {}, "weights_hash": backbone.weights_hash,
+                "files": file_manifest(tmp, exclude={SAVED_BACKBONE_FILE})}
+        (tmp / SAVED_BACKBONE_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    return Path(folder)
+
+
+def _load_saved_backbone(folder: Path, device, precision) -> Backbone:
+    import json
+
+    import open_clip
+    from safetensors.torch import load_file
+
+    from .methods.base import check_manifest
+
+    try:
+        meta = json.loads((folder / SAVED_BACKBONE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise BackboneError(f"saved backbone {str(folder)!r}: {SAVED_BACKBONE_FILE} is unreadable ({err}).") from None
+    if meta.get("kind") != "workbench-backbone":
+        raise BackboneError(f"{str(folder)!r} is not a saved workbench backbone ({SAVED_BACKBONE_FILE} kind "
+                            f"{meta.get('kind')!r}).")
+    try:
+        check_manifest(folder, meta.get("files"), required=("open_clip_model.safetensors",))
+    except Exception as err:
+        raise BackboneError(str(err)) from None
+    register_model_configs()
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    base = meta["base"]["name"]
+    offline = None
+    if base.startswith("hf-hub:"):
+        from .data.hub import offline_reason
+
+        offline = offline_reason()
+    logging.disable(logging.WARNING)   # "initialized randomly": the weights are loaded right below
+    try:
+        with _hub_cache_only(offline):
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                base, pretrained=None, **({"force_quick_gelu": True} if meta.get("quick_gelu") else {}))
+            tokenizer = open_clip.get_tokenizer(base)
+    except Exception as err:
+        raise BackboneError(f"saved backbone {str(folder)!r}: could not build its base architecture {base!r}: "
+                            f"{type(err).__name__}: {str(err)[:200]}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+    state = load_file(str(folder / "open_clip_model.safetensors"))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise BackboneError(f"saved backbone {str(folder)!r} does not fit architecture {base!r}: "
+                            f"{str(err).splitlines()[0][:200]}") from None
+    model = model.to(dev).eval()
+    pp_cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    return Backbone(model=model, tokenizer=tokenizer, preprocess=preprocess, name=base, pretrained=str(folder),
+                    device=dev, precision=prec, preprocess_cfg=pp_cfg,
+                    source={"kind": "saved-backbone", "folder": str(folder), "base": meta["base"],
+                            "adapted_by": (meta.get("adapted_by") or {}).get("method")})

@@ -78,6 +78,8 @@ NEW_CLASS_RULES: dict[str, NewClassRule] = {
                                        "a new class has none"),
     "lp_plus_plus": NewClassRule(None, "cannot: the linear head of a class starts from its support images' mean; "
                                        "a new class has none"),
+    **{m: NewClassRule(None, "cannot: fits on image–text pairs and yields a backbone; load it and use a "
+                             "classification method") for m in ("pairs_lora", "pairs_svd", "pairs_full")},
 }
 
 

@@ -198,7 +198,8 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     with the count done; the finished runs stay saved.
 
     ``protocol`` (the rows' ``protocol`` column, see :mod:`workbench.protocols`): ``"default"``
-    (leak-free few-shot), ``"paper"`` (the YAML's paper protocol), ``"base_to_new"`` (fit on the
+    (leak-free few-shot), ``"paper"`` (the YAML's paper protocol), ``"retrieval"`` (a pair dataset from
+    ``wb.load_pairs``: R@1/5/10 and mean recall, ``shots`` ignored; :mod:`workbench.retrieval`), ``"base_to_new"`` (fit on the
     first ⌈C/2⌉ classes; ``base_accuracy``, ``new_accuracy``, ``hm``) or ``"cross_dataset"`` (fit
     on ``dataset``, evaluate on each of ``targets`` — datasets or names — among their shared
     classes, ``eval_classes="shared"``, or all their classes by name, ``"all"``; ``class_map``
@@ -212,6 +213,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     from .results import ResultsTable, make_cell
 
     check_protocol(protocol)
+    if protocol == "retrieval" or getattr(dataset, "task", None) == "retrieval":   # image–text pairs
+        from .retrieval import compare_retrieval
+
+        return compare_retrieval(dataset, backbone, methods, seeds, cache=cache, method_params=method_params,
+                                 out_dir=out_dir, domain=domain, resume=resume)
     for m in methods:
         method_class(m)  # fail on a misspelt name before any work
     shots = [check_shots(k, "compare") for k in shots]

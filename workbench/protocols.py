@@ -8,6 +8,9 @@
   (:mod:`workbench.base2new`); the row's ``metric`` is ``"hm"`` and ``base_accuracy`` /
   ``new_accuracy`` / ``hm`` hold the scores. A method that cannot classify new classes gets a
   row with NaN scores and the reason in ``note``.
+* ``"retrieval"``: image–text pairs (:mod:`workbench.retrieval`): image→text and text→image
+  R@1/5/10 and ``mean_recall`` on the test split of a :class:`~workbench.data.pairs.PairDataset`,
+  for the backbone as it is (``zero_shot``) or fine-tuned by a ``pairs`` method.
 * ``"cross_dataset"``: fit on one dataset (``dataset``), evaluate on the test split of another
   (``eval_dataset``) without further training — domain shift, e.g. RESISC45 → WHU-RS19.
   ``eval_classes="shared"`` keeps the target's test images of the classes both datasets share
@@ -33,7 +36,7 @@ from .errors import ConfigError, did_you_mean
 from .record import PROTOCOL_COLUMNS
 
 #: every value of the ``protocol`` column (``default`` = the standard leak-free few-shot protocol)
-PROTOCOLS = ("default", "paper", "base_to_new", "cross_dataset")
+PROTOCOLS = ("default", "paper", "base_to_new", "cross_dataset", "retrieval")
 EVAL_CLASSES = ("shared", "all")
 def check_protocol(protocol: str) -> str:
     if protocol not in PROTOCOLS:

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
 
 #: columns only some protocols fill (empty / NaN in the others; see workbench.protocols)
 PROTOCOL_COLUMNS = ["eval_dataset", "eval_classes", "budget", "allocation", "base_accuracy", "new_accuracy", "hm",
-                    "note"]
+                    "note",
+                    # retrieval (image–text pairs, workbench.retrieval): recalls x100 and caption counts
+                    "mean_recall", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "n_captions",
+                    "captions_truncated"]
 
 
 # ``metric`` is the dataset's primary metric (its YAML's ``metric:``), which summaries use by default.

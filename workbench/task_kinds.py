@@ -59,6 +59,14 @@ SINGLE_LABEL = register_kind(TaskKind(
     aliases=("single-label",),
 ))
 
+RETRIEVAL = register_kind(TaskKind(
+    name="retrieval",
+    description="image–text pairs: one or more captions per image (no class labels)",
+    primary_metric="mean_recall",
+    metrics=("mean_recall", "i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10"),
+    aliases=("pairs", "image-text"),
+))
+
 
 def kind_names() -> list[str]:
     return sorted(_KINDS)

@@ -12,6 +12,8 @@ Families say at a glance what a method costs:
 * ``prompts`` — learns prompt tokens; the text encoder (and for some the image encoder) runs
   every step (minutes on a GPU);
 * ``weights`` — changes encoder weights (LoRA, singular values; minutes on a GPU).
+* ``pairs`` — contrastive fine-tuning on image–text pairs (``retrieval`` task kind); the result
+  is a backbone that every classification method can use (minutes to hours on a GPU).
 """
 from __future__ import annotations
 
@@ -72,6 +74,12 @@ METHODS: tuple[MethodEntry, ...] = (
                 "Zanella & Ben Ayed CVPRW'24", "minutes (GPU)"),
     MethodEntry("clip_svd", "weights.clip_svd", "weights", "singular values of q/k/v/o/MLP Linears, both encoders",
                 "Koleilat et al. 2025 (CLIP-SVD)", "minutes (GPU)"),
+    MethodEntry("pairs_lora", "pairs.contrastive", "pairs", "LoRA on q/k/v of both encoders + logit scale, CLIP loss on pairs",
+                "Goyal et al. CVPR'23 (FLYP) + CLIP-LoRA surgery", "minutes (GPU)", tasks=("retrieval",)),
+    MethodEntry("pairs_svd", "pairs.contrastive", "pairs", "singular values of both encoders + logit scale, CLIP loss on pairs",
+                "Goyal et al. CVPR'23 (FLYP) + CLIP-SVD surgery", "minutes (GPU)", tasks=("retrieval",)),
+    MethodEntry("pairs_full", "pairs.contrastive", "pairs", "every weight of the chosen blocks, CLIP loss on pairs",
+                "Goyal et al. CVPR'23 (FLYP)", "minutes (GPU)", tasks=("retrieval",)),
 )
 
 _ENTRIES = {e.name: e for e in METHODS}

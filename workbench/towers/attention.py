@@ -111,3 +111,25 @@ def split_attention(model: nn.Module) -> int:
                 setattr(module, child_name, SplitQKV(child))
                 count += 1
     return count
+
+
+def unsplit_state_dict(state: dict) -> dict:
+    """The inverse of :func:`split_attention` on a state dict: separate ``q_proj``/``k_proj``/``v_proj``
+    tensors are concatenated back into the fused ``in_proj_weight``/``in_proj_bias`` of an
+    ``nn.MultiheadAttention`` (or the ``qkv.weight``/``qkv.bias`` of a timm attention), so an adapted
+    split model's weights load into the unmodified open_clip architecture."""
+    import re
+
+    out, groups = {}, {}
+    for key, value in state.items():
+        m = re.match(r"(.*)\.(q_proj|k_proj|v_proj)\.(weight|bias)$", key)
+        if m:
+            groups.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
+        else:
+            out[key] = value
+    for (prefix, kind), parts in groups.items():
+        if set(parts) != {"q_proj", "k_proj", "v_proj"}:
+            raise ConfigError(f"unsplit_state_dict: {prefix} has only {sorted(parts)} of q/k/v.")
+        fused = torch.cat([parts["q_proj"], parts["k_proj"], parts["v_proj"]])
+        out[f"{prefix}.{kind}" if prefix.endswith(".qkv") else f"{prefix}.in_proj_{kind}"] = fused
+    return out
