@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from .errors import BackboneError
 
 OFFLINE_DEFAULT = "workbench-tiny"
+#: the offline model pretrained by the workbench on its scene corpus (workbench/pretrain.py; shipped weights)
+SCENES_MODEL = "workbench-tiny-scenes"   # = scenes_model.SCENES_MODEL
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -369,6 +371,15 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
     """Load an open_clip model (see the module docstring for every accepted form)."""
     import open_clip
 
+    if name == SCENES_MODEL:
+        from .scenes_model import RANDOM_TAG, SCENES_TAG, load_scenes_backbone
+
+        if pretrained in (None, "", SCENES_TAG):   # the shipped weights pretrained by `make pretrain`
+            return load_scenes_backbone(device=device, precision=precision)
+        if pretrained != RANDOM_TAG:
+            raise BackboneError(f"{SCENES_MODEL!r} has the pretrained tags {SCENES_TAG!r} (the shipped weights, the "
+                                f"default) and {RANDOM_TAG!r} (its random init); got {pretrained!r}.")
+        pretrained = None
     if not pretrained and (Path(os.path.expanduser(name)) / SAVED_BACKBONE_FILE).is_file():
         # a folder written by save_backbone (e.g. contrastive fine-tuning on pairs)
         return _load_saved_backbone(Path(os.path.expanduser(name)), device, precision)
@@ -416,7 +427,7 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
                     warnings.warn(f"{name!r} + {pretrained!r}: these weights were trained with QuickGELU; switching it "
                                   f"on (use '{name}-quickgelu' to silence this).", stacklevel=2)
                     force_quick_gelu = True
-        elif name != OFFLINE_DEFAULT:
+        elif name not in (OFFLINE_DEFAULT, SCENES_MODEL):
             warnings.warn(f"backbone {name!r} with no pretrained weights: randomly initialised (seed={seed}).",
                           stacklevel=2)
         kwargs["pretrained"] = None if checkpoint else pretrained
@@ -433,7 +444,7 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
 
         offline = offline_reason()
     torch.manual_seed(seed)  # random-init towers (the offline default) are reproducible
-    if (name == OFFLINE_DEFAULT and not pretrained) or checkpoint is not None:
+    if (name in (OFFLINE_DEFAULT, SCENES_MODEL) and not pretrained) or checkpoint is not None:
         # open_clip's "initialized randomly" warning: intended for the offline default, and for a
         # checkpoint file the weights are loaded right below.
         logging.disable(logging.WARNING)
