@@ -88,7 +88,6 @@ def minimal_qkv_lora(model, r: int = 2, alpha: float = 1.0, dropout: float = 0.2
 
 
 def measure(method: str, n_classes: int, backbone_name: str, steps: int, device: str, batch: int = 32) -> dict:
-    import resource
     import warnings
 
     import torch
@@ -102,9 +101,12 @@ def measure(method: str, n_classes: int, backbone_name: str, steps: int, device:
 
     import peft  # noqa: F401  every process pays the same library RSS (~50 MB on CPU), so configurations differ only by model memory
 
+    from bench_device import BenchDevice
+
     warnings.simplefilter("ignore")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    backbone = wb.load_backbone(backbone_name, device=device)
+    bench_dev = BenchDevice(device)  # resolved once: every sync / peak / name call below names this device
+    backbone = wb.load_backbone(backbone_name, device=bench_dev.device)
     dev = backbone.device
     names = [f"class number {i}" for i in range(n_classes)]
     g = torch.Generator().manual_seed(0)
@@ -113,8 +115,7 @@ def measure(method: str, n_classes: int, backbone_name: str, steps: int, device:
     stamps = []
 
     def stamp():  # the start of each step's forward pass: consecutive stamps are whole steps
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        bench_dev.synchronize()
         stamps.append(time.perf_counter())
 
     if method in ("clip_lora", "clip_svd", "full_ft", "minimal_lora"):
@@ -162,17 +163,14 @@ def measure(method: str, n_classes: int, backbone_name: str, steps: int, device:
     run = lambda n: train(module, loss_fn, batches, TrainConfig(**{**cfg.__dict__, "max_steps": n}),  # noqa: E731
                           device=dev, precision=backbone.precision, steps_per_epoch=steps, show_progress=False)
     run(1)  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+    bench_dev.synchronize()
+    bench_dev.reset_peak()
     stamps.clear()
     run(steps)
     stamp()
     times = sorted(b - a for a, b in zip(stamps, stamps[1:]))
     step, step_min = times[len(times) // 2], times[0]
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else str(dev)
+    peak, name = bench_dev.peak_mib(), bench_dev.name()
     return {"method": method, "classes": n_classes, "batch": batch, "step_s": step, "step_min_s": step_min,
             "peak_mib": peak, "device": name, "precision": backbone.precision,
             "trainable": sum(p.numel() for p in module.parameters() if p.requires_grad)}
@@ -204,11 +202,14 @@ def trainable_counts(backbone_name: str = "ViT-B-16") -> dict:
 
 
 def _ratio_line(label: str, results: dict, num: str, den: str, n: int, goal: str = "") -> str | None:
+    """A ratio line; a zero (unmeasured) step time or peak prints ``n/a`` instead of dividing by it."""
+    from bench_device import ratio
+
     if (num, n) not in results or (den, n) not in results:
         return None
     a, b = results[num, n], results[den, n]
-    return (f"{label} at {n} classes: step median {a['step_s'] / b['step_s']:.2f}x, "
-            f"min {a['step_min_s'] / b['step_min_s']:.2f}x; peak memory {a['peak_mib'] / b['peak_mib']:.2f}x{goal}")
+    return (f"{label} at {n} classes: step median {ratio(a['step_s'], b['step_s'])}, "
+            f"min {ratio(a['step_min_s'], b['step_min_s'])}; peak memory {ratio(a['peak_mib'], b['peak_mib'])}{goal}")
 
 
 def main() -> None:

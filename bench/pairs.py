@@ -6,7 +6,8 @@
    * ``pairs_lora``, ``pairs_svd``, ``pairs_full``: the methods' own ``_build`` (trainable copy,
      split attention, peft / SVDLinear; full: every weight of both towers) and loss;
    * ``plain_full``: the plain baseline — the open_clip model itself, every parameter trainable,
-     the symmetric InfoNCE written inline (what FLYP's loop does), no workbench code.
+     the symmetric InfoNCE written inline on full-length (77-token) captions (what FLYP's loop
+     does), no workbench code. The methods run the text tower only up to the longest caption.
 
    Each configuration runs in its own process, so its peak memory (max RSS on CPU,
    ``torch.cuda.max_memory_allocated`` on CUDA) is its own; step time is the min and median of the
@@ -72,6 +73,9 @@ def run_step(config: str, backbone_name: str, batch: int, steps: int, device: st
         method = wb.get_method(config)
         model, inner, _ = method._build(bb, method.config)
         model.train()
+        from workbench.towers.text import TextTower
+
+        tower = TextTower(inner)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1)
     if dev.type == "cuda":
@@ -84,9 +88,9 @@ def run_step(config: str, backbone_name: str, batch: int, steps: int, device: st
             logits = model.logit_scale.exp() * img @ txt.T
             target = torch.arange(batch, device=dev)
             loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        else:
+        else:   # the methods' loss: captions run up to the longest real one (towers.text)
             img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokens).float(), dim=-1)
+            txt = F.normalize(tower.encode(tower.embed(tokens), tokens).float(), dim=-1)
             loss = clip_loss(img, txt, inner.logit_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
         loss.backward()

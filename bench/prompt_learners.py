@@ -55,8 +55,11 @@ def build_steps(names_needed, args):
     from workbench.methods.prompts.cocoop import conditional_logits
     from workbench.methods.prompts.coop import PromptLearner
 
+    from bench_device import BenchDevice
+
     warnings.simplefilter("ignore")
-    backbone = wb.load_backbone(args.backbone, device=args.device)
+    bench_dev = BenchDevice(args.device)  # resolved once: every sync / peak / name call names this device
+    backbone = wb.load_backbone(args.backbone, device=bench_dev.device)
     dev, model = backbone.device, backbone.model
     for p in model.parameters():
         p.requires_grad_(False)
@@ -111,7 +114,7 @@ def build_steps(names_needed, args):
             txt = maple_method._text_features(text, prompts)
             F.cross_entropy(scale * img @ txt.T, labels32[:4]).backward()
         steps["maple"] = (maple, [text.tower])
-    facts = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else str(dev),
+    facts = {"device": bench_dev.name(), "bench_device": bench_dev,
              "precision": backbone.precision, "context_length": int(backbone.tokenize(["x"]).shape[-1]),
              "active_length": tower.active_length(backbone.tokenize([f"a photo of a {n}." for n in names]))}
     return {k: v for k, v in steps.items() if k in names_needed}, backbone, facts
@@ -119,34 +122,22 @@ def build_steps(names_needed, args):
 
 def measure(which: str, args) -> dict:
     """Times of ``which`` and its baselines, both truncation modes, alternating; ``which``'s peak memory."""
-    import resource
-
-    import torch
-
     steps, backbone, facts = build_steps((which, *BASELINES.get(which, ())), args)
-    dev = backbone.device
+    bench_dev = facts.pop("bench_device")
     pairs = [(which, m) for m in args.modes] + [(b, m) for b in BASELINES.get(which, ()) for m in args.modes]
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    sync, peak_mib = bench_dev.synchronize, bench_dev.peak_mib
 
     def run(name, mode):
         step, towers = steps[name]
         for t in towers:
             t.truncate = mode == "on"
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
+        bench_dev.reset_peak()
         sync()
         t0 = time.perf_counter()
         step()
         sync()
         return time.perf_counter() - t0
-
-    def peak_mib():
-        if dev.type == "cuda":
-            return torch.cuda.max_memory_allocated() / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     times, peaks = {p: [] for p in pairs}, {}
     with backbone.autocast():
@@ -156,7 +147,7 @@ def measure(which: str, args) -> dict:
         for _ in range(args.repeats):
             for p in pairs:
                 times[p].append(run(*p))
-                if dev.type == "cuda":
+                if bench_dev.cuda:
                     peaks[p] = max(peaks[p], peak_mib())
     out = {**facts, "which": which, "times": {}}
     for (name, mode), ts in times.items():

@@ -186,6 +186,8 @@ def test_skyclip_alias_downloads_and_unpacks_its_zip_once(tmp_path, monkeypatch)
             z.writestr("SkyCLIP_ViT_L14_top50pct/params.txt", "lr: 3e-9")
 
     monkeypatch.setattr(bb, "_download_url", fake_download)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)   # online (a faked download): url-zip honours the offline variables
     seen = _tiny_arch_standing_in(monkeypatch, "ViT-L-14-quickgelu")
     first = wb.load_backbone("skyclip-vit-l-14", device="cpu", cache_dir=str(tmp_path / "cache"))
     again = wb.load_backbone("skyclip-vit-l-14", device="cpu", cache_dir=str(tmp_path / "cache"))
@@ -200,6 +202,8 @@ def test_url_zip_failures_are_clear(tmp_path, monkeypatch):
         raise OSError("Temporary failure in name resolution")
 
     monkeypatch.setattr(bb, "_download_url", offline)
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)   # the variables unset: the (failing) download is attempted
     with pytest.raises(BackboneError, match=r"could not download https://h/x.zip.*curl -O https://h/x.zip.*epoch_20.pt"):
         wb.load_backbone("workbench-tiny", "url-zip:https://h/x.zip#epoch_20.pt", cache_dir=str(tmp_path))
     monkeypatch.setattr(bb, "_download_url", lambda url, dest, timeout=30.0: dest.write_bytes(b"not a zip"))

@@ -96,14 +96,16 @@ def test_lora_init_equals_base_and_uses_rslora_scaling(backbone):
 
 @pytest.fixture(scope="module")
 def lora_run(backbone, shapes16):
-    return wb.run_experiment(shapes16, backbone, "clip_lora", 16, 1,
-                             method_params={"iterations": 60, "lr": 5e-3})
+    # the least compute that still shows learning (suite time, issue 22): 4 shots, batch 8, 30 steps
+    # (was 16 shots, batch 32, 60 steps: 8x the images through the encoder) reach 0.95 against 0.27 zero-shot
+    return wb.run_experiment(shapes16, backbone, "clip_lora", 4, 1,
+                             method_params={"iterations": 30, "lr": 5e-3, "batch_size": 8})
 
 
 def test_clip_lora_learns_and_beats_zero_shot(backbone, shapes16, lora_run):
-    zs = wb.run_experiment(shapes16, backbone, "zero_shot", 16, 1)
+    zs = wb.run_experiment(shapes16, backbone, "zero_shot", 4, 1)
     info = lora_run.method.fit_info
-    assert info["iterations"] == 60 and info["trainable_parameters"] == 9216
+    assert info["iterations"] == 30 and info["trainable_parameters"] == 9216
     assert lora_run.row["accuracy"] > zs.row["accuracy"] + 0.2
     assert info["final_loss"] < 1.0  # from log(4) = 1.39 at the start
 

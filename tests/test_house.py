@@ -23,7 +23,7 @@ TOWER_INTERNALS = {"token_embedding", "positional_embedding", "ln_final", "text_
 def test_every_method_is_listed_with_family_training_reference_and_cost():
     table = wb.available_methods(details=True)
     assert list(table.index) == wb.available_methods()
-    assert set(table.columns) == {"family", "trains", "reference", "cost", "tasks"}
+    assert set(table.columns) == {"family", "trains", "reference", "cost", "tasks", "unlabeled"}
     assert not table.isna().any().any() and (table != "").all().all()
     assert set(table["family"]) <= {"features", "prompts", "weights", "pairs"}
 

@@ -253,7 +253,7 @@ def test_save_load_and_predictor_give_the_same_probabilities(shapes, backbone, c
     ("lp_plus_plus", {"momentum": 1.5}, r"momentum must be in \[0, 1\)"),
     ("lp_plus_plus", {"alpha_step": 5}, "unknown parameter 'alpha_step'.*Did you mean 'alpha_every'"),
     ("zs_lp", {"lr": -0.1}, "lr must be > 0"),
-    ("zs_lp", {"text_norm": 0}, "text_norm must be > 0"),
+    ("zs_lp", {"text_norm": 0}, "text_norm must be a number > 0"),
     ("zs_lp", {"multipliers": "balanced"}, "unknown parameter 'multipliers'"),
     ("clap", {"multipliers": "zero-shot"}, "multipliers must be one of.*Did you mean 'zero_shot'"),
     ("clap", {"batch_size": 0}, "batch_size must be an integer >= 1"),

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.data.pairs import (OFFLINE_CARD, caption_truncation, load_pair_spec, load_pairs, pair_specs_dir,
+from workbench.retrieval import caption_truncation
+from workbench.data.pairs import (OFFLINE_CARD, load_pair_spec, load_pairs, pair_specs_dir,
                                   pairs_from_csv, pairs_from_hub, pairs_from_karpathy_json, validate_pair_spec)
 from workbench.errors import ConfigError, DataError
 from workbench.retrieval import retrieval_recalls

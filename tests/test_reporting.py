@@ -169,6 +169,26 @@ def test_validation_ties_go_to_the_cheaper_method_and_missing_scores_are_an_erro
     assert "K=2" in report.validation_table(table).columns
 
 
+def test_a_method_tuned_on_its_validation_images_is_flagged_as_optimistic():
+    import warnings
+
+    table = _table(shots=(4,))
+    table["val_tuned"] = table["method"] == "linear_probe"
+    table["val_balanced_accuracy"] = table["balanced_accuracy"] + np.where(table["val_tuned"], 0.2, 0.0)
+    with pytest.warns(UserWarning, match=r"validation scores of linear_probe are optimistic"):
+        report.choose_on_validation(table)
+    gap = report.validation_gap(table).set_index("method")
+    assert gap.loc["linear_probe", "gap"] == pytest.approx(20.0) and gap.loc["linear_probe", "tuned_on_val"]
+    others = gap.drop(index="linear_probe")
+    assert np.allclose(others["gap"], 0.0) and not others["tuned_on_val"].any()
+    assert "linear_probe *" in set(report.validation_table(table)["method"])
+    table["val_tuned"] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # nothing to say when no candidate tuned on its validation images
+        report.choose_on_validation(table)
+    assert "linear_probe" in set(report.validation_table(table)["method"])
+
+
 def test_notebook_07_chooses_on_validation():
     nb = json.loads((wb.repo_root() / "notebooks" / "07_bring_your_own_data.ipynb").read_text())
     code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
@@ -188,3 +208,39 @@ def test_runs_record_their_k_shot_validation_scores_and_class_count(backbone, sh
     for m in ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc"):
         assert run.row[f"val_{m}"] == pytest.approx(expected[m])
     assert run.row["n_classes"] == shapes.n_classes == 4
+
+
+def _points_under_legend(fig, legend) -> int:
+    """How many plotted data points (markers and error-bar ends) lie under ``legend`` on the canvas."""
+    fig.canvas.draw()
+    box = legend.get_window_extent()
+    count = 0
+    for ax in fig.axes:
+        for line in ax.get_lines():
+            xy = np.column_stack([line.get_xdata(), line.get_ydata()]).astype(float)
+            if line.get_label().startswith("chance"):
+                continue
+            for x, y in ax.transData.transform(xy):
+                count += box.x0 <= x <= box.x1 and box.y0 <= y <= box.y1
+    return count
+
+
+def test_legends_cover_no_data_point_in_one_panel_or_many():
+    # many methods with high scores: the case where an inside-the-axes legend sat on the points (notebooks 02, 06)
+    table = _table((("whu_rs19_mini", "accuracy", 19),), shots=(1, 2, 4, 8, 16))
+    table["accuracy"] = 0.8 + 0.1 * np.random.default_rng(1).uniform(size=len(table))
+    fig = report.plot_accuracy_vs_shots(table)
+    legend = fig.axes[0].get_legend()
+    assert legend is not None and len(legend.get_texts()) == len(METHODS) + 1
+    assert _points_under_legend(fig, legend) == 0
+    fig.canvas.draw()  # outside the axes: no data can ever sit under it
+    assert legend.get_window_extent().x0 >= fig.axes[0].get_window_extent().x1
+    two = (("pneumoniamnist_mini", "balanced_accuracy", 2), ("whu_rs19_mini", "accuracy", 19))
+    fig = report.plot_curves(_table(two))
+    assert all(ax.get_legend() is None for ax in fig.axes) and len(fig.legends) == 1
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert sorted(labels) == sorted([*METHODS, "chance level (dotted)"])
+    assert _points_under_legend(fig, fig.legends[0]) == 0
+    for ax in fig.axes:  # nor does it overlap a panel
+        a, b = ax.get_window_extent(), fig.legends[0].get_window_extent()
+        assert not (a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1) or not ax.axison

@@ -250,7 +250,7 @@ def test_a_row_cut_short_is_dropped_reported_and_recomputed(tmp_path, shared_fea
     csv = out / "results.csv"
     text = csv.read_text()
     csv.write_text(text[:-25])  # another tool crashed while writing the last row
-    with pytest.warns(UserWarning, match=r"results.csv, line 3: row cut short"):
+    with pytest.warns(UserWarning, match=r"results.csv, line 3: malformed row"):
         resumed = sweep(spec, show_progress=False)
     assert (resumed.done, resumed.skipped) == (1, 1)
     table = pd.read_csv(csv)

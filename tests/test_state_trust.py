@@ -98,7 +98,7 @@ def test_checkpoint_dir_reused_for_another_dataset_trains_afresh(backbone, tmp_p
     with pytest.warns(UserWarning, match="starts fresh"):
         b = wb.get_method("coop", **params).fit(FewShotTask(second, sample_few_shot(second, 2, 1), backbone, cache))
     assert b.fit_info["resumed_from_epoch"] is None and b.fit_info["steps"] == a.fit_info["steps"] > 0
-    assert len(list((tmp_path / "ckpt").glob("run-*/last.pt"))) == 2
+    assert len(list((tmp_path / "ckpt").glob("run-*/last.safetensors"))) == 2
     # the same run again resumes its own (finished) checkpoint
     c = wb.get_method("coop", **params).fit(FewShotTask(first, sample_few_shot(first, 2, 1), backbone, cache))
     assert c.fit_info["resumed_from_epoch"] == 2 and torch.equal(c.ctx, a.ctx)

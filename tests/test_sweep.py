@@ -227,3 +227,17 @@ def test_a_cell_clears_the_caches_augmented_views_when_it_ends(tmp_path, monkeyp
     result = sweep_cell.run_cell(cells(SweepSpec(**SMALL, output_dir=str(out)))[0],
                                  {"output_dir": str(out), "device": "cpu", "shots": [1], "seeds": [1]})
     assert result["status"] == "done" and len(cleared) == 1
+
+
+def test_a_sweep_spec_goes_through_the_safe_yaml_reader(tmp_path):
+    from workbench.errors import ConfigError
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")))
+    with pytest.raises(ConfigError, match="sweep spec"):
+        SweepSpec.from_yaml(bomb)
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text("datasets: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(ConfigError, match=r"tagged\.yaml.*line 1"):
+        SweepSpec.from_yaml(tagged)

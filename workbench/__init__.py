@@ -18,7 +18,7 @@ import importlib.util
 import sys
 import types
 
-__version__ = "0.1.0"
+from .paths import package_version as __version__  # noqa: E402  (one place for the version)
 
 # public name -> the submodule that defines it
 _EXPORTS = {

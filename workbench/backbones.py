@@ -290,6 +290,16 @@ def _download_url(url: str, dest: Path, timeout: float = 30.0) -> None:
         shutil.copyfileobj(response, out, length=1 << 20)
 
 
+def checkpoint_cache_root(cache_dir=None) -> Path:
+    """Where ``url-zip:`` checkpoints are unpacked: ``cache_dir`` or ``~/.cache/workbench/checkpoints``."""
+    return Path(cache_dir or Path.home() / ".cache" / "workbench" / "checkpoints")
+
+
+def zip_checkpoint_target(url: str, member: str, cache_dir=None) -> Path:
+    """The local file a ``url-zip:URL#MEMBER`` recipe unpacks to (it may not exist yet)."""
+    return checkpoint_cache_root(cache_dir) / hashlib.sha1(url.encode()).hexdigest()[:16] / member
+
+
 def _zip_checkpoint(pretrained: str, cache_dir) -> Path:
     """``url-zip:URL#NAME``: the file NAME from the zip archive at URL, downloaded and unpacked once."""
     import zipfile
@@ -298,11 +308,21 @@ def _zip_checkpoint(pretrained: str, cache_dir) -> Path:
     url, _, member = spec.partition("#")
     if not url.startswith(("https://", "http://")) or not member:
         raise BackboneError(f"{pretrained!r}: expected 'url-zip:https://HOST/ARCHIVE.zip#FILE_IN_ARCHIVE'.")
-    root = Path(cache_dir or Path.home() / ".cache" / "workbench" / "checkpoints")
-    folder = root / hashlib.sha1(url.encode()).hexdigest()[:16]
-    target = folder / member
+    if Path(member).name != member or member in (".", "..") or "\\" in member:
+        # '#/etc/hostname' or '#../x' would name a file outside the download folder
+        raise BackboneError(f"{pretrained!r}: the part after '#' must be a plain file name inside the archive "
+                            f"(e.g. 'epoch_20.pt'), not a path ({member!r}).")
+    target = zip_checkpoint_target(url, member, cache_dir)
+    folder = target.parent
     if target.is_file():
         return target
+    from .data.hub import _OFFLINE_VARS, _TRUE
+
+    offline = [v for v in _OFFLINE_VARS if os.environ.get(v, "").strip().lower() in _TRUE]
+    if offline:
+        raise BackboneError(f"{pretrained!r} is not downloaded yet and {offline[0]}={os.environ[offline[0]]} is set: "
+                            "no download is made offline. On a machine with network download the archive, unzip "
+                            f"it and pass the path of {member!r} as `pretrained`.")
     folder.mkdir(parents=True, exist_ok=True)
     archive = folder / ".download.zip"
     try:

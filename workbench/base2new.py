@@ -24,6 +24,8 @@ How each registered method classifies classes it never saw (:data:`NEW_CLASS_RUL
   ``pinv(mean_k cov_k)``, α is chosen on the (K-shot) validation set of the base classes, and the
   new classes get a classifier synthesised from the nearest base-support features of their text
   embeddings (:meth:`workbench.methods.features.gda.GDA.new_class_head`).
+* ProKeR: the kernel correction is fitted to base-class residuals: new classes get zero-shot.
+* TransCLIP, TDA: they use unlabeled / test-stream images, which these protocols do not provide.
 * linear probe, LP++: a weight vector per class learnt (LP++: initialised) from that class's
   support images; with no image of a new class there is no weight, so they cannot. A table gets
   a row saying so (``note``) instead of a crash.
@@ -80,6 +82,14 @@ NEW_CLASS_RULES: dict[str, NewClassRule] = {
                                        "a new class has none"),
     **{m: NewClassRule(None, "cannot: fits on image–text pairs and yields a backbone; load it and use a "
                              "classification method") for m in ("pairs_lora", "pairs_svd", "pairs_full")},
+    "proker": NewClassRule("zero_shot_fallback", "new classes: zero-shot (the kernel correction fits base-class "
+                                                 "residuals only)"),
+    "transclip": NewClassRule(None, "cannot: it uses unlabeled images, which the base-to-new and cross-dataset "
+                                    "protocols do not provide (run it with unlabeled= under the standard protocol)"),
+    "tda": NewClassRule(None, "cannot: it adapts on the test stream, which the base-to-new and cross-dataset "
+                              "protocols do not provide (run it with unlabeled='test' under the standard protocol)"),
+    **{m: NewClassRule(None, "cannot: a multi-label method; base-to-new is a single-label protocol")
+       for m in ("chexzero", "ovr_linear_probe")},
 }
 
 

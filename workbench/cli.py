@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/cli",
                    help="output folder (results.csv, runs/, splits, feature cache), relative to the current directory "
                         "(default: %(default)s)")
+    p.add_argument("--unlabeled", default=None,
+                   help="images nobody labelled, for transclip / tda: 'test' (transductive: the test images), a split "
+                        "name, an image folder, a CSV or an .npz (default: none)")
 
     p = sub.add_parser("recommend", help="which method (and backbone) to use: chosen on the K-shot data only, "
                                          "with bootstrap intervals; the test split is scored once, afterwards")
@@ -122,7 +125,6 @@ def _run(args) -> int:
     import pandas as pd
 
     import workbench as wb
-    from workbench.report import summary_text
 
     pd.set_option("display.width", 160)
     if args.command == "datasets":
@@ -142,7 +144,10 @@ def _run(args) -> int:
         dataset = wb.load_dataset(args.dataset)  # before the backbone: a bad path fails in a second
         backbone = wb.load_backbone(args.backbone, args.pretrained or None, device=args.device)
         table = wb.compare(dataset, backbone, args.methods, args.shots, args.seeds,
-                           cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out)
+                           cache=wb.FeatureCache(backbone, out / "features"), split_dir=out / "splits", out_dir=out,
+                           unlabeled=args.unlabeled)
+        from workbench.report import summary_text
+
         print(summary_text(table, args.metric))
         print(f"results: {out / 'results.csv'}")
     elif args.command == "recommend":
@@ -167,9 +172,13 @@ def _run(args) -> int:
         out = Path(args.out) if args.out else Path(args.results).parent / "report"
         print(f"report: {write_report(args.results, out, metric=args.metric)}")
     elif args.command == "summarize":
-        from workbench.report import results_table
+        from workbench.report import results_table, summary_text
 
-        print(summary_text(results_table(args.results), args.metric))
+        from workbench.report import what_the_numbers_show
+
+        table = results_table(args.results)
+        print(summary_text(table, args.metric))
+        print("\n" + what_the_numbers_show(table))
     return 0
 
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from .data.dataset import Dataset
 from .errors import ConfigError, DataError, did_you_mean
 from .paths import repo_root
+from .safe_yaml import load_yaml
 from .task_kinds import kind_names, task_kind
 
 TOP_KEYS = {
@@ -33,8 +33,10 @@ TOP_KEYS = {
 }
 SOURCE_KEYS = {
     "folder": {"path", "test_fraction", "split_seed", "max_bad_fraction"},
-    "csv": {"path", "path_column", "label_column", "split_column", "root", "test_fraction", "split_seed"},
+    "csv": {"path", "path_column", "label_column", "split_column", "root", "test_fraction", "split_seed",
+            "findings", "label_separator", "no_finding", "uncertain", "groups"},
     "npz": {"path", "test_fraction", "split_seed"},
+    "mosaic": {"path", "n_images", "seed", "test_fraction", "tile_size"},
     "hub": {"repo_id", "config", "image_column", "label_column", "splits", "data_files", "revision",
             "test_fraction", "split_seed"},
     "hub_archive": {"repo_id", "filename", "subdir", "test_fraction", "split_seed", "max_bad_fraction"},
@@ -50,7 +52,7 @@ SOURCE_NUMBERS = {"test_fraction": ("fraction", 0.0, 1.0), "max_bad_fraction": (
 PROTOCOL_KEYS = {"template": str, "split_file": str, "selection": str, "reference": str}
 PROTOCOLS = ("default", "paper")
 GENERATORS = ("leaves", "shapes", "scenes_xray_like", "scenes_aerial_like", "scenes_leaf_like")
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc")
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "macro_auroc", "micro_auroc", "mAP")
 
 
 def domains_dir() -> Path:
@@ -61,8 +63,12 @@ def _err(file, key, expected, got) -> ConfigError:
     return ConfigError(f"{file}: key {key!r}: expected {expected}, got {got!r}.")
 
 
-def validate_spec(spec: Any, file: str = "<spec>") -> dict:
-    """Check a dataset YAML's structure; errors name the file, the key, what was expected and what came."""
+def validate_spec(spec: Any, file: str = "<spec>", check_presets: bool = True) -> dict:
+    """Check a dataset YAML's structure; errors name the file, the key, what was expected and what came.
+
+    ``check_presets=False`` skips checking ``method_presets`` against the methods' parameters, which
+    imports the method modules (and torch): only for listings, every load checks them.
+    """
     if not isinstance(spec, dict):
         raise ConfigError(f"{file}: expected a mapping at the top level, got {type(spec).__name__}.")
     unknown = sorted(set(spec) - set(TOP_KEYS))
@@ -122,7 +128,8 @@ def validate_spec(spec: Any, file: str = "<spec>") -> dict:
     if spec.get("class_map"):
         _validate_class_map(spec["class_map"], names, file)
     if spec.get("method_presets"):
-        _validate_presets(spec["method_presets"], file)
+        if check_presets:
+            _validate_presets(spec["method_presets"], file)
     if spec.get("paper_protocol"):   # empty (a notebook parameter's default) means none
         _validate_protocol(spec["paper_protocol"], file)
     return spec
@@ -237,20 +244,18 @@ def spec_path(name_or_path: str | Path) -> Path:
     matches = sorted(domains_dir().glob(f"*/{name_or_path}.yaml"))
     if not matches:
         known = [q.stem for q in domains_dir().glob("*/*.yaml")]
-        raise ConfigError(f"no dataset named {str(name_or_path)!r} in {domains_dir()}; known: {sorted(known)}."
+        raise ConfigError(f"no dataset named {str(name_or_path)!r} in {domains_dir()}, and {str(name_or_path)!r} "
+                          f"does not exist as a path in the working directory; known names: {sorted(known)}."
                           + did_you_mean(str(name_or_path), known))
     if len(matches) > 1:
         raise ConfigError(f"dataset name {str(name_or_path)!r} is ambiguous: {[str(m) for m in matches]}; pass the path.")
     return matches[0]
 
 
-def load_spec(name_or_path: str | Path) -> dict:
+def load_spec(name_or_path: str | Path, check_presets: bool = True) -> dict:
     path = spec_path(name_or_path)
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    spec = validate_spec(spec, str(path))
+    spec = load_yaml(path, what="dataset YAML")
+    spec = validate_spec(spec, str(path), check_presets)
     spec["_file"] = str(path)
     return spec
 
@@ -264,7 +269,7 @@ def list_datasets(domain: str | None = None) -> "Any":
     if domain and domain not in domains:
         raise ConfigError(f"unknown domain {domain!r}; domains: {domains}." + did_you_mean(domain, domains))
     for path in sorted(domains_dir().glob("*/*.yaml")):
-        spec = load_spec(path)
+        spec = load_spec(path, check_presets=False)  # a listing, without torch; loading the dataset checks them
         if domain and spec["domain"] != domain:
             continue
         src = spec["source"]
@@ -318,27 +323,45 @@ def load_dataset(name_or_path: str | Path, **overrides) -> Dataset:
     from .data.sources import load_user_data
     from .paths import find_existing
 
+    import os
+
     text = str(name_or_path)
     p = Path(text).expanduser()
     if p.suffix.lower() not in (".yaml", ".yml"):
-        plain_name = len(p.parts) == 1 and not p.suffix and not p.is_absolute()
+        # "my_images/" (a trailing separator) is a path, never a dataset name
+        plain_name = (len(p.parts) == 1 and not p.suffix and not p.is_absolute()
+                      and not text.endswith(("/", os.sep)))
         if not (plain_name and any(domains_dir().glob(f"*/{text}.yaml"))):
             found = find_existing(p)
             if found is not None:
                 return load_user_data(path=str(found), **overrides)
             if not plain_name:
-                raise DataError(f"path {text!r} does not exist (looked in the working directory and the repository "
-                                "root). Give an existing image folder, CSV, .npz or dataset YAML.")
+                known = sorted(q.stem for q in domains_dir().glob("*/*.yaml"))
+                raise DataError(f"path {text!r} does not exist (looked for it as a path in the working directory "
+                                f"{os.getcwd()} and in the repository root). Give an existing image folder, CSV, "
+                                f".npz or dataset YAML, or one of the dataset names: {known}.")
     return dataset_from_spec(load_spec(name_or_path), **overrides)
 
 
 def dataset_from_parameters(namespace: dict) -> Dataset:
     """The dataset a domain notebook's parameters name.
 
-    ``papermill … -f domains/<domain>/<set>.yaml`` injects the YAML's keys (name, domain,
-    source, classes, templates, …) as parameters: then the dataset is built from them. Else
-    ``name`` picks a YAML, and an empty name means the domain's offline dataset.
+    ``dataset_yaml`` (a path, one string: ``papermill … -p dataset_yaml domains/<domain>/<set>.yaml``)
+    is read and validated here, through the one safe YAML reader: the safe way to run a notebook on
+    a YAML. ``papermill … -f <set>.yaml`` instead injects the YAML's keys (name, domain, source,
+    classes, templates, …) as parameters, written into the notebook's code as they are (use it only
+    with your own files); then the dataset is built from them. Else ``name`` picks a YAML, and an
+    empty name means the domain's offline dataset.
     """
+    path = namespace.get("dataset_yaml")
+    if path:
+        if not isinstance(path, str) or Path(path).suffix.lower() not in (".yaml", ".yml"):
+            raise ConfigError(f"parameter 'dataset_yaml': expected the path of a dataset YAML (ending in .yaml), "
+                              f"got {path!r}.")
+        found = Path(path).expanduser()
+        if not found.is_absolute() and not found.exists():
+            found = repo_root() / found   # a notebook's kernel runs in notebooks/
+        return dataset_from_spec(load_spec(found))
     if namespace.get("source") and namespace.get("classes"):
         # the notebook declares every YAML key (so papermill does not warn), empty when no YAML was given
         spec = {k: namespace[k] for k in TOP_KEYS if namespace.get(k) not in (None, "", [], {})}
@@ -360,10 +383,18 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
     mapping = dict(zip(class_ids, names))
     meta = {"domain": spec["domain"], "templates": builtins.list(spec["templates"]),
             "metric": spec.get("metric", "accuracy")}
-    if task_kind(spec.get("task", "single_label")).name != "single_label":
-        raise DataError(f"{spec['_file']}: task {spec['task']!r} is not supported yet; only single-label "
-                        "classification is.")
     src.update(overrides)
+    if task_kind(spec.get("task", "single_label")).name == "multi_label":
+        ds = _multilabel_from_spec(spec, kind, src, class_ids, names, meta)
+        ds.source["spec"] = spec["_file"]
+        ds.descriptions = spec.get("descriptions")
+        ds.method_presets = dict(spec.get("method_presets") or {})
+        ds.paper_protocol = spec.get("paper_protocol")
+        ds.class_map = dict(spec.get("class_map") or {})
+        return ds
+    if kind == "mosaic" or any(k in src for k in ("findings", "label_separator", "uncertain", "no_finding")):
+        raise DataError(f"{spec['_file']}: source keys {sorted(set(src) & {'findings', 'label_separator', 'uncertain', 'no_finding'}) or ['kind: mosaic']} "
+                        "describe a multi-label set; add 'task: multi_label' to the YAML.")
     if kind == "folder":
         ds = sources.from_folder(_resolve(src.pop("path")), name=spec["name"], **src, **meta)
     elif kind == "csv":
@@ -403,6 +434,36 @@ def dataset_from_spec(spec: dict, **overrides) -> Dataset:
     ds.method_presets = dict(spec.get("method_presets") or {})   # applied by run_settings()
     ds.paper_protocol = spec.get("paper_protocol")
     ds.class_map = dict(spec.get("class_map") or {})   # cross-dataset: classes shared under other names
+    return ds
+
+
+def _multilabel_from_spec(spec, kind, src, class_ids, names, meta):
+    """A ``task: multi_label`` YAML: the findings are its ``classes`` (id -> readable name)."""
+    from .data import multilabel
+
+    meta = dict(meta, metric=spec.get("metric", "macro_auroc"))
+    mapping = dict(zip(class_ids, names))
+    if "root" in src:
+        src["root"] = _resolve(src["root"])
+    if kind == "csv":
+        if "label_separator" not in src and "findings" not in src:
+            src["findings"] = class_ids
+        elif "label_separator" in src:
+            src.setdefault("findings", class_ids)
+        ds = multilabel.from_csv_multilabel(_resolve(src.pop("path")), name=spec["name"], class_names=mapping,
+                                            **src, **meta)
+    elif kind == "npz":
+        ds = multilabel.from_npz_multilabel(_resolve(src.pop("path")), name=spec["name"], class_names=names,
+                                            class_ids=class_ids, **src, **meta)
+    elif kind == "mosaic":
+        ds = multilabel.mosaic_dataset(_resolve(src.pop("path")), name=spec["name"], classes=class_ids,
+                                       class_names=names, **src, **meta)
+    else:
+        raise DataError(f"{spec['_file']}: a multi_label dataset can be read from sources of kind csv, npz or "
+                        f"mosaic; {kind!r} is not supported for multi-label yet (download the data and use a CSV "
+                        "with one column per finding or a separated list).")
+    if builtins.list(ds.class_ids) != class_ids:
+        raise DataError(f"{spec['_file']}: the data's findings {ds.class_ids} do not match 'classes' {class_ids}.")
     return ds
 
 
@@ -528,7 +589,9 @@ BACKBONE_KEYS = {"name": str, "pretrained": str, "domains": builtins.list, "lice
 def backbone_recipes() -> dict:
     """``domains/backbones.yaml``: alias -> loading recipe, validated."""
     path = domains_dir() / "backbones.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path, what="backbone list") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a mapping alias -> recipe, got {type(data).__name__}.")
     for alias, recipe in data.items():
         if not isinstance(recipe, dict):
             raise _err(path, alias, "a mapping", recipe)

@@ -25,24 +25,14 @@ from .features import FeatureCache
 from .methods import get_method, method_class
 from .methods.base import Method
 from .metrics import SCALAR_METRICS, compute_metrics
+from .paths import safe_name
 from .progress import progress
-from .record import (PROTOCOL_COLUMNS, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
+from .record import (PROTOCOL_COLUMNS, RunResult, RESULT_COLUMNS, TABLE_COLUMNS, VAL_COLUMNS,  # noqa: F401 (re-exported)
                      _validation_logits, _validation_scores, environment_info)
 from .task import FewShotTask
+from .unlabeled import (UNLABELED_COLUMNS, check_unlabeled, default_unlabeled, method_unlabeled_source,
+                        resolve_unlabeled)
 from .validate import check_seed, check_shots
-
-@dataclass
-class RunResult:
-    row: dict
-    record: dict
-    method: Method
-    logits: torch.Tensor
-    labels: torch.Tensor
-    model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
-
-    def __repr__(self) -> str:
-        return f"RunResult({self.row['method']}, K={self.row['shots']}, seed={self.row['seed']}, acc={self.row['accuracy']:.4f})"
-
 
 def _as_method(method: str | Method, params: dict | None) -> Method:
     if isinstance(method, Method):
@@ -52,27 +42,57 @@ def _as_method(method: str | Method, params: dict | None) -> Method:
     return get_method(method, **(params or {}))
 
 
-def _conformal_summary(val, test_logits: torch.Tensor, test_labels: torch.Tensor, coverage: float = 0.9) -> dict | None:
-    """Split-conformal sets calibrated on the K-shot validation images, scored on test (report only)."""
+def _conformal_summary(val, test_logits: torch.Tensor, test_labels: torch.Tensor, coverage: float = 0.9, *,
+                       held_out: bool = False, selection_read: bool = True, seed: int = 0) -> dict | None:
+    """Conformal sets calibrated on ``val``, scored on test (report only), for each score (LAC, APS, RAPS).
+
+    ``certified`` is True only when the calibration images were held out of fitting and selection
+    (``held_out``, see ``run_experiment(calibration_fraction=...)``) or the method never read its
+    validation images (``selection_read`` False), and there are enough of them for the coverage.
+    The top-level ``coverage`` / ``mean_set_size`` / ``class_coverage_gap`` are the LAC score's;
+    ``scores`` holds every score's.
+    """
     import warnings
 
-    from .conformal import ConformalCalibrator, set_metrics
+    from .conformal import SCORES, ConformalCalibrator, set_metrics
 
     if val is None:
         return None
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        cal = ConformalCalibrator(coverage).fit(torch.softmax(val[0], -1), val[1])
-    sets = cal.predict_sets(torch.softmax(test_logits, -1))
-    return {"target_coverage": coverage, "n_calibration": cal.n_calibration, **set_metrics(sets, test_labels),
-            "certified": not cal.uncertified_classes, "notes": [str(w.message) for w in caught]}
+    cal_probs, test_probs = torch.softmax(val[0].double(), -1), torch.softmax(test_logits.double(), -1)
+    notes, by_score, uncertified = [], {}, False
+    for score in SCORES:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                cal = ConformalCalibrator(coverage, score=score, seed=seed).fit(cal_probs, val[1])
+            except ConfigError as err:   # RAPS tuning with too few images: say so, keep the other scores
+                notes.append(f"{score}: {err}")
+                continue
+        notes += [f"{score}: {w.message}" for w in caught]
+        uncertified |= bool(cal.uncertified_classes)
+        by_score[score] = {"n_calibration": cal.n_calibration,
+                           **set_metrics(cal.predict_sets(test_probs), test_labels, coverage)}
+        if score == "raps":
+            by_score[score].update(k_reg=cal.fitted_k_reg, lam=cal.fitted_lam)
+    valid = held_out or not selection_read
+    if not valid:
+        notes.insert(0, "not certified: the calibration images are the K-shot validation images the method read while "
+                        "fitting (it may have chosen hyper-parameters or epochs on them), so they are not exchangeable "
+                        "with test and the sets tend to under-cover. Rerun with calibration_fraction=0.5 to hold "
+                        "calibration images out of selection.")
+    lac = by_score["lac"]
+    return {"target_coverage": coverage, "calibration": "held_out" if held_out else "kshot_validation",
+            "n_calibration": lac["n_calibration"], "coverage": lac["coverage"], "mean_set_size": lac["mean_set_size"],
+            "class_coverage_gap": lac["class_coverage_gap"], "certified": valid and not uncertified,
+            "scores": by_score, "notes": notes}
 
 
 def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int, seed: int, *,
                    cache: FeatureCache | None = None, templates: Sequence[str] | None = None,
                    method_params: dict | None = None, split_dir=None, out_dir=None, domain: str | None = None,
                    save_model: bool = False, protocol: str = "default", budget: int | None = None,
-                   allocation: str = "proportional", language: dict | None = None) -> RunResult:
+                   allocation: str = "proportional", language: dict | None = None,
+                   calibration_fraction: float | None = None, val_shots: int | None = None, unlabeled=None) -> RunResult:
     """Sample (or reuse) the K-shot split, fit on it, evaluate on the whole test split.
 
     The dataset YAML's ``method_presets`` for the method apply unless ``method_params`` say
@@ -84,11 +104,29 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     ``language`` (``{"descriptions": ..., "weighting": ..., "seed": ...}``, see
     :class:`~workbench.task.FewShotTask`) changes the text classifier every method starts from;
     it is part of the run's id and provenance.
+
+    ``val_shots``: K-shot validation images per class (default ``min(K, 4)``, the same for every
+    method, see :func:`~workbench.data.sample_few_shot`); ``val_shots=K`` reproduces references
+    that select on K validation images per class (LP++).
+
+    Conformal prediction sets (provenance ``conformal``; the saved model's ``predict(coverage=)``)
+    are calibrated on the K-shot validation images. Their guarantee needs images that fitting and
+    selection never saw: ``calibration_fraction=0.5`` holds that share of each class's validation
+    images out of the task (the method selects on the rest — that is the cost) and calibrates on
+    them (:func:`workbench.conformal.split_calibration`; a ConfigError when a class has fewer than 2).
+    With it, the row's ``val_*`` scores come from the selection part only. Without it, the sets of
+    a method that read its validation images are reported ``certified: false`` with a note.
+
+    ``unlabeled`` (see :mod:`workbench.unlabeled`): images nobody labelled — ``"test"`` (transductive:
+    the test images themselves), a split name, a folder, a CSV or an ``.npz``; methods that use them
+    (``transclip``, ``tda``) need it, the others ignore it. The row's ``unlabeled_source`` and
+    ``transductive`` say what the method saw.
     """
     # Bad input is refused here, before any image is encoded or any step trained.
     from .protocols import check_protocol
 
     check_protocol(protocol)   # a misspelt name: the list and a did-you-mean
+    check_unlabeled(unlabeled, protocol, "run_experiment")
     if protocol not in ("default", "paper"):
         raise ConfigError(f"run_experiment runs protocol 'default' or 'paper'; for {protocol!r} use "
                           f"compare(..., protocol={protocol!r}) (see workbench.protocols).")
@@ -109,20 +147,49 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     if settings.resplit and split_dir is not None:   # its few-shot draws must not meet the default splits' files
         split_dir = Path(split_dir) / "paper_protocol"
     method = _as_method(method, settings.params or None)
+    check_unlabeled(unlabeled, protocol, "run_experiment", method=method)
+    unlabeled = default_unlabeled(unlabeled, method)
+    if getattr(dataset, "task", "single_label") == "multi_label":   # its own run: workbench/multilabel.py
+        if budget is not None or language:
+            raise ConfigError("run_experiment on a multi-label dataset takes shots (positives per finding); "
+                              "budget= and language= are single-label options.")
+        from .multilabel import run_multilabel_experiment
+
+        return run_multilabel_experiment(dataset, backbone, method, shots, seed, cache=cache, templates=templates,
+                                         split_dir=split_dir, out_dir=out_dir, domain=domain, save_model=save_model,
+                                         settings=settings, protocol=protocol)
+    from .methods.registry import check_method_task, method_names
+
+    if method.name in method_names():   # a registered method that declares no single-label support is refused
+        check_method_task(method.name, "single_label")
     cache = cache or FeatureCache(backbone)
-    split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation)
+    split = sample_few_shot(dataset, shots, seed, split_dir=split_dir, budget=budget, allocation=allocation,
+                            val_shots=val_shots)
     shots = split.shots   # budget mode: the mean per class
+    fit_split, calibration_samples = split, None
+    if calibration_fraction is not None:   # calibration images the method never sees
+        import dataclasses
+
+        from .conformal import split_calibration
+
+        val_samples = split.val(dataset)
+        keep, held = split_calibration([s.label for s in val_samples], calibration_fraction, seed)
+        fit_split = dataclasses.replace(split, val_ids=[val_samples[i].id for i in keep])
+        calibration_samples = [val_samples[i] for i in held]
     templates = list(templates or settings.templates or dataset.templates or ["a photo of a {}."])
     # descriptions join the prompts only when the language options ask for them (else plain templates)
     descriptions = getattr(dataset, "descriptions", None) if (language or {}).get("descriptions", "none") != "none" \
         else None
-    task = FewShotTask(dataset, split, backbone, cache, templates=templates, descriptions=descriptions,
-                       language=language)
+    # the pool is encoded only for a method that uses it; its labels are never read
+    pool = resolve_unlabeled(unlabeled, dataset, split, cache, protocol) if method.uses_unlabeled else None
+    task = FewShotTask(dataset, fit_split, backbone, cache, templates=templates, descriptions=descriptions,
+                       language=language, unlabeled=pool)
 
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     method.fit(task)
     fit_seconds = time.perf_counter() - t0
+    val_tuned = task.read_validation   # before the runner itself reads them below
 
     encoder = method.image_backbone(backbone)
     if encoder is backbone:
@@ -137,16 +204,22 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     metrics = compute_metrics(logits, test.labels, dataset.n_classes)
     val = _validation_logits(method, task, dataset, None if encoder is backbone else encoder, cache)
     val_scores = _validation_scores(val, dataset.n_classes)
+    calibration = val if calibration_samples is None else _validation_logits(
+        method, task, dataset, None if encoder is backbone else encoder, cache, samples=calibration_samples)
 
-    skipped = dataset.skipped + task.skipped + test.skipped
-    run_id = f"{dataset.name}-{method.name}-{f'N{budget}' if budget else f'K{shots}'}-s{seed}-" + hashlib.sha1(
+    skipped = dataset.skipped + task.skipped + test.skipped + (pool.skipped if pool is not None else [])
+    unlabeled_cols = method_unlabeled_source(method, pool)
+    # names are not paths: the run id names the run's folder, so its parts are safe path components
+    run_id = f"{safe_name(dataset.name, 'dataset name')}-{safe_name(method.name, 'method name')}-{f'N{budget}' if budget else f'K{shots}'}-s{seed}-" + hashlib.sha1(
         json.dumps([backbone.provenance_id, split.sha, method.describe()["config"], templates]
-                   + ([task.fingerprint().get("language")] if language else []),
+                   + ([task.fingerprint().get("language")] if language else [])
+                   + ([{"calibration_fraction": calibration_fraction}] if calibration_fraction is not None else [])
+                   + ([unlabeled_cols["unlabeled_source"]] if unlabeled_cols["unlabeled_source"] else []),
                    sort_keys=True, default=str).encode()).hexdigest()[:8]
     row = {"dataset": dataset.name, "domain": domain or dataset.domain or "", "backbone": backbone.name,
            "pretrained": backbone.pretrained or "", "method": method.name, "shots": shots, "seed": seed,
-           "protocol": protocol, "metric": getattr(dataset, "metric", None) or "accuracy", **{k: metrics[k] for k in SCALAR_METRICS}, **val_scores, "n_classes": dataset.n_classes, "n_test": len(test), "fit_seconds": fit_seconds,
-           "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id}
+           "protocol": protocol, "metric": getattr(dataset, "metric", None) or "accuracy", **{k: metrics[k] for k in SCALAR_METRICS}, **val_scores, "val_tuned": bool(val_tuned and val is not None), "n_classes": dataset.n_classes, "n_test": len(test), "fit_seconds": fit_seconds,
+           "predict_seconds": predict_seconds, "skipped_images": len(skipped), "run_id": run_id, **unlabeled_cols}
     if budget is not None:
         row.update(budget=budget, allocation=allocation)
     record = {
@@ -157,11 +230,14 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
         "split": {"sha": split.sha, "shots": shots, "seed": seed, "val_shots": split.val_shots,
                   "val_source": split.val_source, "train_ids": split.train_ids, "val_ids": split.val_ids,
                   "shortfalls": split.shortfalls, "budget": split.budget, "allocation": split.allocation,
-                  "per_class": split.per_class},
+                  "per_class": split.per_class, "calibration_fraction": calibration_fraction,
+                  "calibration_ids": [s.id for s in calibration_samples or []]},
         "protocol": settings.record, "templates": templates, "backbone": backbone.provenance(),
         "language": {**task.fingerprint().get("language", {}), **task.language_info} if language else None,
         "method": method.describe(),
-        "metrics": metrics, "conformal": _conformal_summary(val, logits, test.labels), "skipped": skipped,
+        "unlabeled": {**unlabeled_cols, **(pool.describe() if pool is not None else {})},
+        "metrics": metrics, "conformal": _conformal_summary(calibration, logits, test.labels, held_out=calibration_samples is not None,
+                                        selection_read=val_tuned, seed=seed), "skipped": skipped,
         "environment": environment_info(backbone.device),
     }
     model_dir = None
@@ -170,7 +246,7 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
     from .distributed import is_main_process
 
     if out_dir is not None and is_main_process():  # under torchrun process 0 alone writes the run's files
-        run_dir = Path(out_dir) / "runs" / run_id
+        run_dir = Path(out_dir) / "runs" / safe_name(run_id, "run id")
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "provenance.json").write_text(json.dumps(record, indent=1, default=str))
         if save_model:
@@ -178,9 +254,12 @@ def run_experiment(dataset: Dataset, backbone, method: str | Method, shots: int,
 
             model_dir = Predictor(backbone, method, templates=templates,
                                   metrics={k: metrics[k] for k in SCALAR_METRICS},
-                                  calibration=None if val is None else (torch.softmax(val[0], -1), val[1]),
+                                  calibration=None if calibration is None else
+                                  (torch.softmax(calibration[0], -1), calibration[1]),
+                                  calibration_certified=calibration_samples is not None or not val_tuned,
                                   ).save(run_dir / "model")
-    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir)
+    return RunResult(row=row, record=record, method=method, logits=logits, labels=test.labels, model_dir=model_dir,
+                     test_ids=list(test.ids))
 
 
 def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[int], seeds: Sequence[int], *,
@@ -188,7 +267,7 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
             method_params: dict | None = None, split_dir=None, out_dir=None, domain: str | None = None,
             resume: bool = True, protocol: str = "default", targets: Sequence | None = None,
             eval_classes: str = "shared", class_map: dict | None = None, budgets: Sequence[int] | None = None,
-            allocation: str = "proportional", language: dict | None = None) -> pd.DataFrame:
+            allocation: str = "proportional", language: dict | None = None, unlabeled=None) -> pd.DataFrame:
     """Every (method, K, seed) on one dataset; returns the tidy results table (one row per run).
 
     ``method_params`` maps a method name to its parameters. With ``out_dir``, each run is
@@ -206,7 +285,8 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     maps a target name to {its class: the source class}). ``budgets=[N, ...]`` (standard
     protocols) adds runs drawing N support images in total, by ``allocation``. ``language``
     (standard protocols): the text classifier's description / weighting options for every run
-    (:func:`run_experiment`), part of each run's key.
+    (:func:`run_experiment`), part of each run's key. ``unlabeled`` (standard protocols): the pool of
+    unlabeled images for the methods that use them (:mod:`workbench.unlabeled`), part of their runs' keys.
     """
     from .errors import Interrupted
     from .protocols import EVAL_CLASSES, check_protocol
@@ -214,19 +294,34 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
 
     check_protocol(protocol)
     if protocol == "retrieval" or getattr(dataset, "task", None) == "retrieval":   # image–text pairs
-        from .retrieval import compare_retrieval
+        from .retrieval_runs import compare_retrieval
 
         return compare_retrieval(dataset, backbone, methods, seeds, cache=cache, method_params=method_params,
                                  out_dir=out_dir, domain=domain, resume=resume)
+    from .methods.registry import check_method_task
+
     for m in methods:
         method_class(m)  # fail on a misspelt name before any work
+        check_method_task(m, getattr(dataset, "task", "single_label"))   # and on a method of another task kind
     shots = [check_shots(k, "compare") for k in shots]
     seeds = [check_seed(s, "compare") for s in seeds]
+    if protocol in ("default", "cross_dataset"):
+        from .data.sampling import check_shots_fit
+
+        for k in shots:  # every K against the classes' training images, before any encoding
+            check_shots_fit(dataset, k)
     for m in methods:  # types and bounds of every method's parameters, before the first run
         get_method(m, **((method_params or {}).get(m) or {}))
     unknown = sorted(set(method_params or {}) - set(methods))
     if unknown:
         raise ConfigError(f"method_params names {unknown}, which are not among the methods {list(methods)}.")
+    if unlabeled is not None and protocol not in ("default", "paper"):
+        raise ConfigError(f"unlabeled= applies to the standard few-shot protocols, not {protocol!r}.")
+    check_unlabeled(unlabeled, protocol, "compare")
+    per_method = {}
+    for m in methods:   # a method given the wrong kind of pool: refused now; one given none: "test", warned once
+        check_unlabeled(unlabeled, protocol, "compare", method=method_class(m))
+        per_method[m] = default_unlabeled(unlabeled, method_class(m), "compare")
     if language:
         from .task import _check_language
 
@@ -267,9 +362,11 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     results = ResultsTable(out_dir) if out_dir is not None else None  # unwritable folder: refused now
 
     def cell(m, k, s, **extra):
+        uses = method_class(m).uses_unlabeled and per_method.get(m) is not None   # inductive runs keep their keys
         return make_cell(dataset.name, backbone.name, backbone.pretrained, m, k, s,
                          params=(method_params or {}).get(m), templates=templates, protocol=protocol,
-                         extra={**extra, "language": language or None})
+                         extra={**extra, "language": language or None,
+                                "unlabeled": str(per_method[m]) if uses else None})
 
     if protocol == "cross_dataset":
         grid = [cell(m, k, s, eval_dataset=t.name, eval_classes=eval_classes, class_map=(class_map or {}).get(t.name))
@@ -306,7 +403,8 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
                 row = run_experiment(dataset, backbone, c["method"], c["shots"], c["seed"], cache=cache,
                                      templates=templates, method_params=c["params"] or None, split_dir=split_dir,
                                      out_dir=out_dir, domain=domain, protocol=protocol, budget=c.get("budget"),
-                                     allocation=c.get("allocation", allocation), language=language or None).row
+                                     allocation=c.get("allocation", allocation), language=language or None,
+                                     unlabeled=per_method.get(c["method"], unlabeled)).row
             keep(c, row)
     except KeyboardInterrupt:
         done = sum(c["cell_id"] in rows for c in grid)
@@ -319,9 +417,14 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
         raise Interrupted(msg, done, len(grid), results.path if results is not None else None) from None
     finally:
         bar.close()
-    table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS)
+    # multi-label rows add their own scalars (micro_auroc, mAP, ...: workbench/multilabel.py) after the shared columns
+    extra = list(dict.fromkeys(k for c in grid for k in rows[c["cell_id"]] if k not in TABLE_COLUMNS))
+    table = pd.DataFrame([rows[c["cell_id"]] for c in grid], columns=TABLE_COLUMNS + extra)
     # rows of results files written before the protocol column existed are standard few-shot runs
     table["protocol"] = table["protocol"].fillna("").astype(str).replace("", "default")
+    # rows written before the unlabeled columns existed used no unlabeled image
+    table["unlabeled_source"] = table["unlabeled_source"].fillna("").astype(str)
+    table["transductive"] = table["transductive"].fillna(False).astype(bool)
     return table
 
 
@@ -361,6 +464,9 @@ def summarize(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """
     if metric is not None and metric not in table.columns:
         raise ConfigError(f"metric {metric!r} is not a column of the results; columns: {list(table.columns)}.")
+    from .unlabeled import mark_transductive
+
+    table = mark_transductive(table)   # transductive rows are their own group: "transclip [transductive]"
     # A table holding base-to-new or cross-dataset rows is summarised per protocol (and target dataset):
     # their scores are not comparable with the standard runs'. Standard tables keep their columns.
     keys = ["dataset"]

@@ -273,7 +273,7 @@ def resolve_num_workers(num_workers: int | str, n_items: int, batch_size: int, d
         if device_type == "cpu" or n_items < 2 * batch_size or multiprocessing.current_process().daemon:
             return 0  # the CPU is the encoder's; a batch or two is not worth starting workers; daemons may not fork
         # this process's share of the cores it may run on (affinity, torchrun ranks), not os.cpu_count()
-        return max(1, min(MAX_AUTO_WORKERS, decoder_budget()))
+        return min(MAX_AUTO_WORKERS, max(1, decoder_budget()))
     return int(num_workers)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: the package's version (``workbench.__version__``), recorded in saved models; here so that any room may read it
+package_version = "0.1.0"
+
 
 def _is_root(p: Path) -> bool:
     return (p / "pyproject.toml").is_file() and (p / "workbench").is_dir() and (p / "domains").is_dir()
@@ -57,3 +60,49 @@ def find_existing(path: str | os.PathLike) -> Path | None:
         if q.exists():
             return q
     return None
+
+
+_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-+=@,")
+#: the longest name :func:`safe_name` returns (file systems allow 255 bytes per path component)
+SAFE_NAME_MAX = 120
+
+
+def safe_name(name, what: str = "name") -> str:
+    """A dataset, method, run or sweep name as ONE safe path component: names are not paths.
+
+    Call it wherever a name that came from a user or a file (a dataset YAML's ``name:``, a
+    method label, a run id, a sweep name) becomes part of a path the workbench writes. The
+    result never contains a path separator, never is ``.``/``..`` or starts with a dot, holds only
+    letters, digits and ``._-+=@,``, and is at most :data:`SAFE_NAME_MAX` characters; so
+    ``root / safe_name(x)`` always stays inside ``root``.
+
+    A name that is already safe is returned unchanged, and ``/`` becomes ``__`` (existing folders
+    keep their names). Any other is slugged: other characters become ``_``,
+    leading dots are dropped, and a short hash of the original name is appended so that two
+    different names never share a folder. ``what`` names the value in the error raised for a
+    non-string or empty name.
+    """
+    import hashlib
+
+    from .errors import ConfigError
+
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"{what} must be a non-empty string, got {name!r}.")
+    joined = name.replace("/", "__")   # a Hub id "user/set": the folder name split files always used
+    if set(joined) <= _SAFE_CHARS and not joined.startswith(".") and len(joined) <= SAFE_NAME_MAX:
+        return joined
+    slug = "".join(c if c in _SAFE_CHARS else "_" for c in joined)
+    slug = slug.lstrip(".") or "_"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{slug[:SAFE_NAME_MAX - 9]}-{digest}"
+
+
+def check_inside(path: str | os.PathLike, root: str | os.PathLike, what: str = "path") -> Path:
+    """``path`` if it lies inside ``root`` (after resolving ``..`` and links), else a ConfigError naming both."""
+    from .errors import ConfigError
+
+    p, r = Path(path).expanduser().resolve(), Path(root).expanduser().resolve()
+    if p != r and r not in p.parents:
+        raise ConfigError(f"{what} {str(path)!r} lies outside {str(root)!r}; the workbench writes and reads only "
+                          "inside the folder it was given.")
+    return p

@@ -106,7 +106,10 @@ def shared_classes(source, target, class_map: Mapping[str, str | None] | None = 
 # -- rows ------------------------------------------------------------------------------------------
 
 def _run_id(prefix: str, parts) -> str:
-    return prefix + "-" + hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    from .paths import safe_name
+
+    # names are not paths: the id names the run's folder (a dataset name may hold "/" or "..")
+    return safe_name(prefix, "run id") + "-" + hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def _blank_row(dataset, backbone, method: str, shots: int, seed: int, protocol: str, domain: str | None) -> dict:
@@ -130,7 +133,9 @@ def _save_record(out_dir, row: dict, record: dict, device=None) -> None:
 
     if out_dir is None:
         return
-    run_dir = Path(out_dir) / "runs" / row["run_id"]
+    from .paths import safe_name
+
+    run_dir = Path(out_dir) / "runs" / safe_name(row["run_id"], "run id")
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {"run_id": row["run_id"], "row": row, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record,
               "environment": environment_info(device)}

@@ -400,8 +400,11 @@ class Recommendation:
     failed: dict = field(default_factory=dict)   # candidate -> the error of its failed fit (left out of the choice)
 
     def __repr__(self) -> str:
-        return (f"Recommendation({self.method} on {self.backbone}, K={self.shots}: {self.metric} "
-                f"{100 * self.estimate:.1f}% [{100 * self.ci_low:.1f}, {100 * self.ci_high:.1f}])")
+        saved = f"; saved in {self.model_dir}" if self.model_dir else ""
+        return (f"Recommendation({self.method} on {self.backbone} for {self.dataset}, K={self.shots}: held-out "
+                f"{self.metric.replace('_', ' ')} {100 * self.estimate:.1f}% [{100 * self.ci_low:.1f}, "
+                f"{100 * self.ci_high:.1f}] ({100 * self.confidence:.0f}% CI), {len(self.table[['backbone', 'method']].drop_duplicates())} "
+                f"candidates{saved}; .summary, .ranking())")
 
     def ranking(self) -> pd.DataFrame:
         """Candidates at K = ``shots``, best held-out estimate first, with significance marks.

@@ -7,6 +7,7 @@ and records from these pieces (before, each imported the other: the only import 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 import os
 import platform
 import subprocess
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .features import FeatureCache
+from .unlabeled import UNLABELED_COLUMNS
 from .metrics import SCALAR_METRICS, compute_metrics
 
 if TYPE_CHECKING:
@@ -34,16 +36,19 @@ PROTOCOL_COLUMNS = ["eval_dataset", "eval_classes", "budget", "allocation", "bas
 
 # ``metric`` is the dataset's primary metric (its YAML's ``metric:``), which summaries use by default.
 # ``val_*``: the same scores on the run's K-shot validation images (what wb.report.choose_on_validation uses).
+# ``val_tuned``: the method read those images while fitting (chose β/α, C, epochs, WiSE-FT α on them), so its
+# ``val_*`` scores are optimistic — the "validation illusion"; ``recommend`` estimates out of fold instead.
 VAL_COLUMNS = [f"val_{m}" for m in SCALAR_METRICS if m != "ece"]
 # ``protocol``: "default" (leak-free) or "paper" (the dataset YAML's paper_protocol, see run_settings),
 # "base_to_new" or "cross_dataset" (see workbench.protocols).
 RESULT_COLUMNS = ["dataset", "domain", "backbone", "pretrained", "method", "shots", "seed", "protocol", "metric",
                   *SCALAR_METRICS,
-                  *VAL_COLUMNS, "n_classes", "n_test", "fit_seconds", "predict_seconds", "skipped_images", "run_id"]
+                  *VAL_COLUMNS, "val_tuned", "n_classes", "n_test", "fit_seconds", "predict_seconds", "skipped_images", "run_id"]
 # PROTOCOL_COLUMNS: what only some protocols fill (base-to-new scores, the cross-dataset target, the budget
 # mode), see workbench.protocols; empty / NaN in the other rows and in tables written before they existed.
 # A results table (compare, sweep): each run's row plus the key it is resumed by (see results.py).
-TABLE_COLUMNS = [*RESULT_COLUMNS, *PROTOCOL_COLUMNS, "method_label", "cell_id"]
+# UNLABELED_COLUMNS: which unlabeled images the method used and whether it was transductive (workbench.unlabeled).
+TABLE_COLUMNS = [*RESULT_COLUMNS, *PROTOCOL_COLUMNS, *UNLABELED_COLUMNS, "method_label", "cell_id"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,19 +94,21 @@ def environment_info(device: torch.device | None = None) -> dict:
 
 
 def _validation_logits(method: Method, task: FewShotTask, dataset: Dataset, adapted_encoder,
-                       cache: FeatureCache) -> tuple[torch.Tensor, torch.Tensor] | None:
+                       cache: FeatureCache, samples=None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The fitted method's logits on the K-shot validation images (None when the split has none).
 
     Fitting may have used these images to choose hyper-parameters, so scores on them are
-    optimistic; they are still blind to the test split, which makes them the honest basis for
-    choosing *between* methods and for conformal calibration. A method that adapted the image
-    encoder is scored on its own features.
+    optimistic (the row's ``val_tuned`` says so); they are still blind to the test split, which
+    makes them a test-free basis for choosing *between* methods. ``samples`` (default: the
+    task's validation images) are the calibration images held out of fitting, for conformal sets.
+    A method that adapted the image encoder is scored on its own features.
     """
-    samples = task.val_samples()
+    held_out = samples is not None
+    samples = task.val_samples() if samples is None else samples
     if not samples:
         return None
     if adapted_encoder is None:
-        val = task.validation()
+        val = cache.get(dataset, samples, desc="calibration") if held_out else task.validation()
     else:
         val = FeatureCache(adapted_encoder, None, batch_size=cache.batch_size, num_workers=cache.num_workers,
                            show_progress=False).get(dataset, samples, desc="validation (adapted)")
@@ -115,3 +122,24 @@ def _validation_scores(val: tuple[torch.Tensor, torch.Tensor] | None, n_classes:
         return {c: float("nan") for c in VAL_COLUMNS}
     scores = compute_metrics(val[0], val[1], n_classes)
     return {c: scores[c[len("val_"):]] for c in VAL_COLUMNS}
+
+
+@dataclass
+class RunResult:
+    row: dict
+    record: dict
+    method: Method
+    logits: torch.Tensor
+    labels: torch.Tensor
+    model_dir: Path | None = None   # where save_model=True wrote the predictor (workbench.load(model_dir))
+    test_ids: list | None = None    # the test images of logits' rows, in order (subgroup audits: workbench.audit)
+
+    def __repr__(self) -> str:
+        r = self.row
+        metric = r.get("metric") or "accuracy"
+        val = r.get(f"val_{metric}")
+        val_text = f", K-shot val {100 * val:.1f}%" if isinstance(val, (int, float)) and val == val else ""
+        saved = f"; model in {self.model_dir}" if self.model_dir else ""
+        return (f"RunResult({r['method']} on {r['dataset']} with {r['backbone']} "
+                f"({r.get('pretrained') or 'random weights'}), K={r['shots']}, seed={r['seed']}: test "
+                f"{metric.replace('_', ' ')} {100 * r.get(metric, float('nan')):.1f}%{val_text}{saved})")

@@ -5,6 +5,7 @@ import pandas as pd
 
 from .errors import ConfigError
 from .experiment import summarize
+from .unlabeled import TRANSDUCTIVE_MARK, _transductive_flag, mark_transductive  # noqa: F401 (re-exported)
 
 
 def _pyplot():
@@ -70,6 +71,15 @@ def chance_level(metric: str, n_classes: int | None) -> float | None:
     return None
 
 
+def _any_transductive(table: pd.DataFrame) -> bool:
+    return "transductive" in table.columns and bool(_transductive_flag(table).any())
+
+
+def _transductive_column(frame: pd.DataFrame) -> pd.DataFrame:
+    frame["transductive"] = frame["method"].astype(str).str.endswith(TRANSDUCTIVE_MARK)
+    return frame
+
+
 def _describe_runs(table: pd.DataFrame) -> str:
     backbones = sorted({f"{b} ({p})" if isinstance(p, str) and p else str(b)
                         for b, p in zip(table["backbone"], table.get("pretrained", [""] * len(table)))})
@@ -77,13 +87,15 @@ def _describe_runs(table: pd.DataFrame) -> str:
     return f"{', '.join(backbones)} · {n_seeds} seed{'s' if n_seeds != 1 else ''}"
 
 
-def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=None, title: str | None = None):
+def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=None, title: str | None = None,
+                           legend: bool = True):
     """Mean ± std over seeds against K, one line per method, for one dataset.
 
     ``metric`` defaults to the dataset's primary metric. The title names the dataset, the
     backbone and the number of seeds; the dotted line is the metric's chance level
     (:func:`chance_level`); error bars of different methods are shifted sideways so they do not
-    hide each other (the K tick marks the true position).
+    hide each other (the K tick marks the true position). The legend sits outside the axes, to
+    their right, so it never covers a point (``legend=False`` leaves it to the caller).
     """
     plt = _pyplot()
     if table.empty:
@@ -93,7 +105,7 @@ def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=No
                           f"{sorted(table['dataset'].unique())}. "
                           "Filter it to one, or use plot_curves for a panel per dataset.")
     metric = dataset_metric(table, metric)
-    summary = summarize(table, metric)
+    summary = summarize(table, metric)   # transductive rows marked in the legend
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 3.6))
     methods = list(dict.fromkeys(summary["method"]))
@@ -112,7 +124,8 @@ def plot_accuracy_vs_shots(table: pd.DataFrame, metric: str | None = None, ax=No
     ax.set_ylabel(metric_label(metric))
     ax.set_title(f"{title or table['dataset'].iloc[0]}\n{_describe_runs(table)}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     ax.figure.tight_layout()
     return ax.figure
 
@@ -124,7 +137,12 @@ def results_table(path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"results file {str(path)!r} does not exist.")
-    return pd.read_csv(path)
+    from .results import read_table
+
+    table = read_table(path)   # malformed lines named and left out, other separators refused
+    if table.empty:
+        raise ConfigError(f"results file {str(path)!r} holds no rows.")
+    return table
 
 
 def fit_choices(out_dir, methods=None) -> pd.DataFrame:
@@ -224,12 +242,12 @@ def _metrics_used(table: pd.DataFrame, metric: str | None) -> dict[str, str]:
 def summary_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     """"mean ± std" over seeds, one row per (dataset, method), one column per K; the ``metric`` column names
     what is reported (each dataset's primary metric unless ``metric`` is given)."""
-    s = summarize(table, metric)
+    s = summarize(table, metric)   # transductive rows come back marked (mark_transductive)
     s["value"] = s.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}", axis=1)
     s["metric"] = s["metric"].map(metric_label)
     out = s.pivot(index=["dataset", "method", "metric"], columns="shots", values="value").reset_index()
     out.columns = [c if isinstance(c, str) else f"K={c}" for c in out.columns]
-    return out
+    return _transductive_column(out) if _any_transductive(table) else out   # the column only when some row is
 
 
 def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
@@ -243,6 +261,37 @@ def summary_text(table: pd.DataFrame, metric: str | None = None) -> str:
     return "\n\n".join(blocks)
 
 
+def what_the_numbers_show(table: pd.DataFrame) -> str:
+    """One closing line for a results table: backbone(s), data, and what the numbers can and cannot show.
+
+    A backbone without pretrained weights (``pretrained`` empty, e.g. the offline ``workbench-tiny``)
+    is random: its numbers show that the workflow runs and how methods fare on random features,
+    not CLIP's accuracy. States the units: results rows hold fractions (0–1); summaries, reports
+    and plots show percentages.
+    """
+    pairs = sorted({(str(b), p if isinstance(p, str) else "")
+                    for b, p in zip(table["backbone"], table.get("pretrained", [""] * len(table)))})
+    random_ = [b for b, p in pairs if not p or p == "random-init"]
+    named = ", ".join(f"{b} ({p})" if p and p != "random-init" else f"{b} (random weights, no pretraining)"
+                      for b, p in pairs)
+    data = []
+    for name, rows_ in table.groupby("dataset", sort=True):
+        n_test = int(rows_["n_test"].dropna().iloc[0]) if "n_test" in rows_ and rows_["n_test"].notna().any() else None
+        n_cls = n_classes_of(rows_)
+        data.append(f"{name} ({n_cls} classes" + (f", {n_test} test images)" if n_test else ")"))
+    seeds = table["seed"].nunique() if "seed" in table else 0
+    if random_:
+        meaning = ("the backbone is random, so these numbers show that the workflow runs and how methods do on random "
+                   "features — not CLIP's accuracy on this data; for real numbers pass pretrained weights "
+                   "(e.g. backbone='ViT-B-16-quickgelu', pretrained='openai')")
+    else:
+        meaning = (f"test scores of K-shot runs over {seeds} seed(s) (± std over seeds): they estimate this backbone's "
+                   "accuracy on this dataset's test split, not on your own images, and with few seeds or test images "
+                   "small differences between methods are noise")
+    return (f"Backbone {named}; data {', '.join(data)}; {meaning}. Units: results rows hold fractions (0–1); "
+            "summaries, reports and plots show percentages (%).")
+
+
 def plot_curves(table: pd.DataFrame, metric: str | None = None, columns: int = 3):
     """Metric-vs-shots curves, one panel per dataset, each on its own primary metric unless ``metric`` is given."""
     plt = _pyplot()
@@ -253,8 +302,20 @@ def plot_curves(table: pd.DataFrame, metric: str | None = None, columns: int = 3
     for ax in axes.flat[len(datasets):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, datasets):
-        plot_accuracy_vs_shots(table[table["dataset"] == name], metric, ax=ax, title=name)
+        plot_accuracy_vs_shots(table[table["dataset"] == name], metric, ax=ax, title=name, legend=False)
+    # one legend for all panels, below them, so that it covers no panel's points
+    entries = {}
+    for ax in axes.flat[:len(datasets)]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault("chance level (dotted)" if label.startswith("chance") else label, handle)
+    ncol = min(len(entries), 4)
     fig.tight_layout()
+    if entries:
+        height = fig.get_figheight()
+        legend_in = 0.28 * -(-len(entries) // ncol) + 0.2
+        fig.set_figheight(height + legend_in)
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, legend_in / (height + legend_in), 1, 1))
     return fig
 
 
@@ -264,11 +325,12 @@ def ranking(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     Each dataset is ranked on its own primary metric (unless ``metric`` is given), so ranks are
     comparable across datasets; ``mean_metric`` averages those metrics (%).
     """
-    s = summarize(table, metric)
+    s = summarize(table, metric)   # transductive rows come back marked (mark_transductive)
     s["rank"] = s.groupby(["dataset", "shots"])["mean"].rank(ascending=False, method="average")
     out = s.groupby("method").agg(mean_rank=("rank", "mean"), mean_metric=("mean", "mean"),
                                   wins=("rank", lambda r: int((r == 1).sum())), settings=("rank", "size"))
-    return out.sort_values(["mean_rank", "mean_metric"], ascending=[True, False]).round(2).reset_index()
+    out = out.sort_values(["mean_rank", "mean_metric"], ascending=[True, False]).round(2).reset_index()
+    return _transductive_column(out) if _any_transductive(table) else out   # the column only when some row is
 
 
 def calibration_table(table: pd.DataFrame, threshold: float = POOR_CALIBRATION_ECE) -> pd.DataFrame:
@@ -285,7 +347,9 @@ def _record(out_dir, run_id: str) -> dict:
     import json
     from pathlib import Path
 
-    path = Path(out_dir) / "runs" / run_id / "provenance.json"
+    from .paths import safe_name
+
+    path = Path(out_dir) / "runs" / safe_name(run_id, "run id") / "provenance.json"
     if not path.is_file():
         raise ConfigError(f"no provenance record for run {run_id!r} in {str(out_dir)!r}.")
     return json.loads(path.read_text())
@@ -357,6 +421,12 @@ def choose_on_validation(table: pd.DataFrame, metric: str | None = None, shots: 
     validation set holds min(K, 4) images per class — go to the method with the smaller mean fit
     time, then to the one listed first. Report the chosen method's test score once, afterwards
     (:func:`chosen_test_score`): choosing by test score and reporting that same score overstates it.
+
+    The validation illusion: a method that chose its own hyper-parameters (β/α, C, epochs, WiSE-FT
+    α) on those same validation images (the rows' ``val_tuned``) looks better on them than it is
+    (FewTrans, 2026), which favours tuned methods over untuned ones. A warning names them when
+    they are among the candidates; :func:`validation_gap` shows the size of the effect against
+    test, and :func:`workbench.recommend` estimates every candidate out of fold instead.
     """
     if table.empty:
         raise ConfigError("the results table is empty; there is nothing to choose from.")
@@ -372,17 +442,63 @@ def choose_on_validation(table: pd.DataFrame, metric: str | None = None, shots: 
     means = at_k.groupby("method").agg(val=(column, "mean"), cost=("fit_seconds", "mean")).reset_index()
     means["order"] = means["method"].map(order)
     best = means.sort_values(["val", "cost", "order"], ascending=[False, True, True]).iloc[0]
+    tuned = _tuned_on_validation(at_k)
+    if tuned:
+        import warnings
+
+        warnings.warn(f"choose_on_validation: the K-shot validation scores of {', '.join(tuned)} are optimistic — these "
+                      "methods chose hyper-parameters on the same images — so the choice favours them; "
+                      "wb.recommend(...) estimates each candidate out of fold.", stacklevel=2)
     return str(best["method"])
 
 
+def _tuned_on_validation(table: pd.DataFrame) -> list[str]:
+    """Methods whose rows say they read (and may have tuned on) their K-shot validation images."""
+    if "val_tuned" not in table.columns:
+        return []
+    tuned = table["val_tuned"].astype(str).str.lower().isin(["true", "1", "1.0"])
+    return sorted(table.loc[tuned, "method"].unique())
+
+
+def validation_gap(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """The validation illusion, per (dataset, method, K): mean K-shot validation score, mean test score
+    (both %, over seeds), ``gap`` = validation − test, and ``tuned_on_val`` (the method chose its
+    hyper-parameters on those validation images, so part of its gap is selection optimism).
+
+    Use it after choosing (:func:`choose_on_validation`), to see how far each method's validation
+    score overstates its test score; not to choose by test score.
+    """
+    parts = []
+    for _, rows_ in table.groupby("dataset", sort=True):   # each dataset on its own primary metric
+        column = validation_column(rows_, metric)
+        test_column = column[len("val_"):]
+        tuned = set(_tuned_on_validation(rows_))
+        out = (rows_.groupby(["dataset", "method", "shots"], sort=False)
+               .agg(validation=(column, "mean"), test=(test_column, "mean"), runs=(column, "size")).reset_index())
+        out[["validation", "test"]] *= 100
+        out["gap"] = out["validation"] - out["test"]
+        out["tuned_on_val"] = out["method"].isin(tuned)
+        out["metric"] = metric_label(test_column)
+        parts.append(out)
+    if not parts:
+        raise ConfigError("the results table is empty; there is no validation gap to show.")
+    out = pd.concat(parts, ignore_index=True)
+    return out.sort_values(["dataset", "shots", "gap"], ascending=[True, True, False]).reset_index(drop=True)
+
+
 def validation_table(table: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
-    """Like :func:`summary_table` on the K-shot validation scores (what :func:`choose_on_validation` sees)."""
+    """Like :func:`summary_table` on the K-shot validation scores (what :func:`choose_on_validation` sees).
+
+    A method marked ``*`` chose its hyper-parameters on those images: its validation score is
+    optimistic (:func:`validation_gap`)."""
     column = validation_column(table, metric)
     s = summarize(table, column)
     s["value"] = s.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}", axis=1)
     s["metric"] = metric_label(column)
     out = s.pivot(index=["dataset", "method", "metric"], columns="shots", values="value").reset_index()
     out.columns = [c if isinstance(c, str) else f"K={c}" for c in out.columns]
+    tuned = set(_tuned_on_validation(table))
+    out["method"] = [f"{m} *" if m in tuned else m for m in out["method"]]
     return out
 
 

@@ -9,8 +9,10 @@ and can share one table.
 
 Faults handled here:
 
-* a row cut short (another tool crashed while writing the CSV) is dropped with a warning naming
-  the file and line, so its cell is recomputed instead of leaving a duplicate half row;
+* a malformed line (cut short by a crash, a row added by hand with an unquoted comma) is left out
+  with a warning naming the file and line and moved to ``results.rejected.csv`` at the next write,
+  never deleted; a last row missing its final newline is kept and the newline restored; a table
+  re-saved with ``;`` separators is refused with a clear error, never silently recomputed;
 * a results folder that cannot be written is refused up front (:func:`ensure_writable`), before
   any encoding or training;
 * ``failures.csv`` that cannot be written (full disk) is a warning, not the end of the sweep.
@@ -33,7 +35,7 @@ from .errors import ConfigError
 
 # Columns that hold text: read back as "" rather than NaN when empty (e.g. ``pretrained``).
 TEXT_COLUMNS = ("dataset", "domain", "backbone", "pretrained", "method", "metric", "run_id", "method_label",
-                "cell_id", "protocol", "eval_dataset", "eval_classes", "allocation", "note")
+                "cell_id", "protocol", "eval_dataset", "eval_classes", "allocation", "note", "unlabeled_source")
 
 
 def cell_id(cell: dict) -> str:
@@ -74,11 +76,34 @@ def ensure_writable(folder: str | os.PathLike, what: str = "results folder") -> 
     return folder
 
 
-def read_table(path: Path, warned: set | None = None) -> pd.DataFrame:
-    """Read a results/failures CSV, dropping rows that were cut short (with a warning naming file and line).
+#: where malformed lines of ``results.csv`` / ``failures.csv`` are moved: ``<stem>.rejected.csv`` beside it
+REJECTED_SUFFIX = ".rejected.csv"
 
-    A row is broken when its field count differs from the header's, or when it is the last row
-    and the file does not end with a newline (pandas always ends a row with one).
+
+def rejected_path(path: Path) -> Path:
+    """The sibling file that receives a table's malformed lines (never deleted)."""
+    path = Path(path)
+    return path.with_name(path.stem + REJECTED_SUFFIX)
+
+
+def _refuse_other_separator(path: Path, header: list[str]) -> None:
+    if len(header) == 1 and any(sep in header[0] for sep in (";", "\t")):
+        name, arg = (";", "';'") if ";" in header[0] else ("tab", "'\\t'")
+        raise ConfigError(
+            f"{path} is {name}-separated (re-saved by a spreadsheet program?), not the ','-separated table the "
+            "workbench writes. It is not read, so no finished run is recomputed or mixed up. Convert it back, "
+            f"e.g. pandas.read_csv(path, sep={arg}, decimal=',').to_csv(path, index=False), or restore the "
+            "original file.")
+
+
+def read_table(path: Path, warned: set | None = None, rejected: list | None = None) -> pd.DataFrame:
+    """Read a results/failures CSV; malformed lines are left out with a warning naming file and line.
+
+    A line is malformed when its field count differs from the header's (cut short by a crash, a
+    row added by hand with an unquoted comma). Such lines are never deleted: pass ``rejected`` (a
+    list) to receive their raw text, which :class:`ResultsTable` moves to ``<stem>.rejected.csv``
+    at its next write. A complete last row without its final newline is kept (the newline is
+    restored at the next write). A ``;``- or tab-separated table is a ConfigError.
     """
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
@@ -89,34 +114,58 @@ def read_table(path: Path, warned: set | None = None) -> pd.DataFrame:
         header = next(reader)
     except StopIteration:
         return pd.DataFrame()
+    except csv.Error as err:
+        raise ConfigError(f"{path}: its header line cannot be read as CSV ({err}); is it a results table?") from None
+    _refuse_other_separator(path, header)
+    raw_lines = text.splitlines(keepends=True)
     good, broken = [], []
-    records = []
-    for record in reader:
-        records.append((reader.line_num, record))
-    for i, (line, record) in enumerate(records):
-        last = i == len(records) - 1
-        if len(record) != len(header) or (last and not text.endswith("\n")):
-            if record:  # a blank line is not a row
-                broken.append(line)
-        else:
-            good.append(record)
-    for line in broken:
+    prev_end = reader.line_num
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:   # e.g. a NUL byte: the rest of the line is unreadable
+            record = None
+        start, prev_end = prev_end, reader.line_num
+        if record is not None and (len(record) == len(header) or not record):
+            if record:
+                good.append(record)
+            continue
+        broken.append((prev_end, "".join(raw_lines[start:prev_end])))
+    for line, _ in broken:
         if warned is None or (str(path), line) not in warned:
-            warnings.warn(f"{path}, line {line}: row cut short (the file was probably being written when a "
-                          "program crashed); dropped it, its run will be recomputed.", stacklevel=3)
+            warnings.warn(f"{path}, line {line}: malformed row (not {len(header)} fields: cut short by a crash, or "
+                          "added by hand with an unquoted comma?). It is left out of the table and moved, not "
+                          f"deleted, to {rejected_path(path).name} at the next write; fix it there and paste it back "
+                          "if it is a finished run.", stacklevel=3)
             if warned is not None:
                 warned.add((str(path), line))
-    if broken:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(header)
-        writer.writerows(good)
-        text = buf.getvalue()
-    table = pd.read_csv(io.StringIO(text))
+    if rejected is not None:
+        rejected.extend(raw for _, raw in broken)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    writer.writerows(good)
+    table = pd.read_csv(io.StringIO(buf.getvalue()))
     for col in TEXT_COLUMNS:
         if col in table.columns:
             table[col] = table[col].astype(object).fillna("").astype(str)
     return table
+
+
+def _move_rejected(path: Path, lines: list[str]) -> None:
+    """Append malformed raw lines to the sibling rejected file (before the table is rewritten without them)."""
+    if not lines:
+        return
+    target = rejected_path(path)
+    with open(target, "a", encoding="utf-8") as f:
+        for raw in lines:
+            f.write(raw if raw.endswith("\n") else raw + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    warnings.warn(f"{path}: moved {len(lines)} malformed line(s) to {target} (kept there, never deleted).",
+                  stacklevel=3)
 
 
 def _write_atomically(table: pd.DataFrame, path: Path) -> None:
@@ -168,7 +217,9 @@ class ResultsTable:
         if not is_main_process():  # under torchrun every process holds the same row: process 0 writes it
             return
         with self.lock:
-            table = self.read()
+            rejected: list[str] = []
+            table = read_table(self.path, self._warned, rejected)
+            _move_rejected(self.path, rejected)   # before the rewrite: a malformed line is moved, never lost
             if "cell_id" in table and row["cell_id"] in set(table["cell_id"]):
                 if not replace:
                     return
@@ -191,7 +242,9 @@ class ResultsTable:
                "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         try:
             with self.lock:
-                old = read_table(self.failures, self._warned)
+                rejected: list[str] = []
+                old = read_table(self.failures, self._warned, rejected)
+                _move_rejected(self.failures, rejected)
                 if "cell_id" in old:
                     old = old[old["cell_id"] != row["cell_id"]]
                 new = pd.DataFrame([row])
@@ -205,6 +258,8 @@ class ResultsTable:
 
     def _drop_failure(self, cell_id: str) -> None:
         if self.failures.exists():
-            old = read_table(self.failures, self._warned)
+            rejected: list[str] = []
+            old = read_table(self.failures, self._warned, rejected)
+            _move_rejected(self.failures, rejected)
             if "cell_id" in old and cell_id in set(old["cell_id"]):
                 _write_atomically(old[old["cell_id"] != cell_id], self.failures)

@@ -71,8 +71,10 @@ class FewShotTask:
 
     def __init__(self, dataset: Dataset, split: FewShotSplit, backbone, cache: FeatureCache,
                  templates: Sequence[str] = DEFAULT_TEMPLATES, descriptions: Mapping[str, Sequence[str]] | None = None,
-                 aug_seed: int | None = None, language: Mapping | None = None):
+                 aug_seed: int | None = None, language: Mapping | None = None, unlabeled=None):
         self._view = FitView(dataset, split)
+        # the run's pool of unlabeled images (workbench.unlabeled.UnlabeledPool): features only, no labels
+        self._unlabeled = unlabeled
         self._cache = cache
         self.split = split
         self.backbone = backbone
@@ -128,7 +130,24 @@ class FewShotTask:
         return list(self._view._support)
 
     def val_samples(self) -> list[Sample]:
+        self._used["val_read"] = True   # the method may have selected on them: their scores are optimistic
         return list(self._view._val)
+
+    @property
+    def read_validation(self) -> bool:
+        """Whether anything asked for the K-shot validation images since the task was built: a
+        method that did may have chosen hyper-parameters on them, so its score
+        on them is optimistic and they cannot calibrate conformal sets."""
+        return bool(self._used.get("val_read"))
+
+    def targets_for(self, ids: Sequence[str]) -> torch.Tensor:
+        """Multi-label tasks: the ``[N, L]`` finding values (1 / 0 / -1 uncertain) of support or
+        validation images, in the order of ``ids`` (e.g. a :class:`Features`' ids)."""
+        samples = self._view.samples(ids)
+        if not samples or getattr(samples[0], "targets", None) is None:
+            raise ConfigError(f"dataset {self._view.name!r} is not a multi-label dataset: its images have one class "
+                              "each (use Features.labels).")
+        return torch.tensor([s.targets for s in samples], dtype=torch.long)
 
     def support_images(self) -> tuple[list, list[int]]:
         """The support images (PIL, RGB) and their labels, for methods that train the encoders."""
@@ -183,6 +202,19 @@ class FewShotTask:
             return self.full_validation()
         raise ConfigError(f"selection {selection!r} is not one of 'kshot_val', 'full_val'.")
 
+    @property
+    def unlabeled_source(self) -> str:
+        """Where the run's unlabeled images come from ("" for none, "test" for the transductive setting)."""
+        return "" if self._unlabeled is None else self._unlabeled.source
+
+    def unlabeled_features(self) -> torch.Tensor | None:
+        """The pool's L2-normalised features ``[N, D]`` (no labels), or None: no pool, or the pool is the test
+        split (then a transductive method uses the images it is asked to predict)."""
+        if self._unlabeled is None or self._unlabeled.is_test:
+            return None
+        self._used["unlabeled"] = len(self._unlabeled)
+        return self._unlabeled.x
+
     def text_classifier(self, templates: Sequence[str] | None = None) -> torch.Tensor:
         if self.language:
             from .prompts import task_text_classifier
@@ -221,7 +253,7 @@ class TensorTask:
 
     def __init__(self, support_views, support_labels, support_eval, val_x, val_y, text, *, seed: int = 1,
                  logit_scale: float = 100.0, logit_bias: float | None = None, train_views=None, full_val=None,
-                 class_names=None):
+                 class_names=None, unlabeled=None):
         import torch.nn.functional as F
 
         self.raw_views, self.labels, self.eval_feats = support_views, support_labels, support_eval
@@ -235,6 +267,18 @@ class TensorTask:
         self.class_names = list(class_names or [f"class {i}" for i in range(self.n_classes)])
         self.templates = ["{}"]
         self.requests: list[tuple[int, str]] = []
+        #: unlabeled pool features [N, D] (normalised here), or None / "test" (transductive)
+        self.unlabeled = unlabeled if unlabeled is None or isinstance(unlabeled, str) else F.normalize(
+            unlabeled.float(), dim=-1)
+
+    @property
+    def unlabeled_source(self) -> str:
+        if self.unlabeled is None or isinstance(self.unlabeled, str):
+            return self.unlabeled or ""
+        return "tensor"
+
+    def unlabeled_features(self):
+        return None if self.unlabeled is None or isinstance(self.unlabeled, str) else self.unlabeled
 
     def support(self, views: int = 0, aug_scale=(0.5, 1.0), flip: bool = True, stream: str = "") -> Features:
         self.requests.append((views, stream))

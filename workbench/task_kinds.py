@@ -68,6 +68,15 @@ RETRIEVAL = register_kind(TaskKind(
 ))
 
 
+MULTI_LABEL = register_kind(TaskKind(
+    name="multi_label",
+    description="a set of findings per image (each present / absent / uncertain)",
+    primary_metric="macro_auroc",
+    metrics=("macro_auroc", "micro_auroc", "mAP", "macro_f1", "ece"),
+    aliases=("multi-label", "multilabel"),
+))
+
+
 def kind_names() -> list[str]:
     return sorted(_KINDS)
 

@@ -9,11 +9,19 @@ What it takes care of, so a method only writes its loss:
   per-epoch cosine after a constant warm-up epoch (CoOp). No scheduler object holds state, so
   a resumed run gets exactly the same learning rates;
 * optional gradient clipping; deterministic seeding (batch order per epoch comes from a
-  generator seeded by (seed, epoch); the torch RNG state is checkpointed for dropout);
+  generator seeded by (seed, epoch); the CPU and every CUDA generator's state are checkpointed
+  for dropout);
 * a progress bar with loss and learning rate;
-* a NaN/inf guard: training stops with the step, epoch and a hint instead of going on;
+* a NaN/inf guard: training stops with the step, epoch and a hint when the loss or, after the
+  update, a trained parameter is not finite. Under fp16 autocast the gradient scaler's skipped
+  steps (scale lowered after an overflow) are counted (``history["skipped_steps"]``) and stop the
+  run only when :data:`SCALER_SKIP_LIMIT` follow each other;
 * periodic checkpoints (atomic) of the trainable state, optimizer, scaler, RNG and counters, so
-  an interrupted run resumes where it stopped and ends with the same weights;
+  an interrupted run resumes where it stopped and ends with the same weights. A checkpoint cannot
+  run code when read: tensors in safetensors, everything else JSON in its header, and the header
+  (run identity, settings, precision) is checked before any tensor is read. A 0-byte or truncated
+  file is a :class:`CheckpointError` naming it; a checkpoint written in another precision is not
+  resumed (a warning, a fresh start); old pickled ``last.pt`` files are never read;
 * checkpoints that belong to their run: given the run's ``identity`` (data fingerprint, split ids,
   backbone, method name and config: :meth:`workbench.methods.base.Method.checkpoint_identity`), a
   run keeps its checkpoint in ``checkpoint_dir/run-<hash of identity>/``. A ``checkpoint_dir``
@@ -112,16 +120,129 @@ def _optimizer(cfg: TrainConfig, params):
     raise ValueError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'sgd'")
 
 
-def _save_atomic(obj, path: Path) -> None:
+class CheckpointError(WorkbenchError, RuntimeError):
+    """A checkpoint file that cannot be read or does not belong to this run."""
+
+
+#: the file a run's checkpoint lives in (inside its ``run-<hash>/`` folder)
+CHECKPOINT_NAME = "last.safetensors"
+#: written into every checkpoint's header; a reader refuses any other value
+CHECKPOINT_FORMAT = "workbench-checkpoint/1"
+#: the pickled checkpoints older versions wrote: never read (unpickling runs code), only reported
+LEGACY_CHECKPOINT_NAME = "last.pt"
+
+
+def _normalised(obj):
+    """``obj`` as JSON gives it back (tuples become lists): what a checkpoint's header can compare equal to."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _write_checkpoint(tensors: dict, meta: dict, path: Path) -> None:
+    """Tensors in safetensors, everything else as JSON in its header; atomic (the older file stays until done).
+
+    Nothing in the file can execute code when read: safetensors holds raw tensor bytes, the header
+    plain JSON (identity, settings, counters, history, optimizer hyper-parameters, scaler numbers).
+    """
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".ckpt.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp,
+                  metadata={"workbench": json.dumps(_normalised(meta))})
         os.replace(tmp, path)
+    except OSError as err:
+        raise CheckpointError(f"cannot write the checkpoint {path}: {err.strerror or err} (full disk or read-only "
+                              "checkpoint_dir?). The previous checkpoint, if any, is intact; free space or pass "
+                              "another checkpoint_dir.") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def read_checkpoint_header(path) -> dict:
+    """The JSON part of a checkpoint (identity, settings, counters), read without touching any tensor.
+
+    A 0-byte, truncated or foreign file is a :class:`CheckpointError` naming the file and the fix.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    fix = "delete it (the run then starts fresh) or pass another checkpoint_dir"
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise CheckpointError(f"cannot read the checkpoint {path}: {err.strerror or err}.") from None
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes: an interrupted copy?); {fix}.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            header = (f.metadata() or {}).get("workbench")
+    except Exception as err:  # safetensors raises its own error type for every malformed header
+        raise CheckpointError(f"checkpoint {path} is truncated or not a workbench checkpoint ({err}); {fix}.") from None
+    try:
+        meta = json.loads(header) if header is not None else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file (written by another program or "
+                              f"version); {fix}.")
+    return meta
+
+
+def read_checkpoint_tensors(path) -> dict:
+    """The tensors of a checkpoint (call after :func:`read_checkpoint_header` accepted it)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: its tensors cannot be read ({err}); delete it or pass another "
+                              "checkpoint_dir.") from None
+
+
+def _optimizer_to_file(state_dict: dict) -> tuple[dict, dict]:
+    """An optimizer state dict as (tensors, JSON): per-parameter tensors keyed ``optimizer/<id>/<name>``."""
+    tensors, plain = {}, {}
+    for pid, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{pid}/{name}"] = value
+            else:
+                plain.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "state": plain}
+
+
+def _optimizer_from_file(tensors: dict, meta: dict) -> dict:
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entry in meta["state"].items():
+        state.setdefault(int(pid), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _grad_scaler(device: torch.device, precision: str):
+    """The gradient scaler: active for fp16 autocast on CUDA only."""
+    return torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "amp_fp16")
+
+
+def _cuda_rng_states() -> list:
+    """Every CUDA generator's state (dropout on the GPU draws from these), or [] without CUDA."""
+    return list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else []
+
+
+def _params_finite(params) -> bool:
+    return bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all())
+
+
+#: under fp16 autocast, stop when the gradient scaler skips this many steps in a row (its scale then has
+#: fallen by 2**25 from where it was: the gradients are not finite at any scale)
+SCALER_SKIP_LIMIT = 25
 
 
 #: warn on CPU when a run is expected to take longer than this (seconds)
@@ -205,36 +326,64 @@ def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
         dist_ctx = distributed.setup(device, desc)
     is_main = dist_ctx is None or dist_ctx.is_main
     optimizer = _optimizer(cfg, params)
-    use_scaler = device.type == "cuda" and precision == "amp_fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    scaler = _grad_scaler(device, precision)
     steps_per_epoch = steps_per_epoch or sum(1 for _ in epoch_batches(0, torch.Generator().manual_seed(0)))
     total = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total = min(total, cfg.max_steps) if cfg.epochs else cfg.max_steps
-    history = {"loss": [], "lr": [], "epoch_loss": [], "resumed_from_epoch": None}
+    history = {"loss": [], "lr": [], "epoch_loss": [], "resumed_from_epoch": None, "skipped_steps": 0}
     step, start_epoch, state = 0, 0, None
-    ckpt_path = checkpoint_folder(checkpoint_dir, identity) / "last.pt" if checkpoint_dir else None
+    folder = checkpoint_folder(checkpoint_dir, identity) if checkpoint_dir else None
+    ckpt_path = folder / CHECKPOINT_NAME if folder is not None else None
+    if folder is not None and (folder / LEGACY_CHECKPOINT_NAME).exists() and is_main:
+        warnings.warn(f"{desc}: {folder / LEGACY_CHECKPOINT_NAME} is a checkpoint in the old pickle format, which "
+                      "is never read (unpickling a file can run code). This run starts fresh and writes "
+                      f"{CHECKPOINT_NAME}; delete the old file when done.", stacklevel=2)
     if ckpt_path is not None and not ckpt_path.exists() and identity is not None and is_main:
-        others = sorted(p.parent.name for p in Path(checkpoint_dir).glob("run-*/last.pt"))
-        others += ["last.pt (no identity)"] if (Path(checkpoint_dir) / "last.pt").exists() else []
+        others = sorted(p.parent.name for p in Path(checkpoint_dir).glob(f"run-*/{CHECKPOINT_NAME}"))
+        others += [f"{CHECKPOINT_NAME} (no identity)"] if (Path(checkpoint_dir) / CHECKPOINT_NAME).exists() else []
         if others:
             warnings.warn(f"{desc}: checkpoint_dir {str(checkpoint_dir)!r} holds checkpoint(s) of {len(others)} other "
                           f"run(s) ({', '.join(others[:3])}): other data, split, backbone or settings. This run "
                           f"does not resume them; it starts fresh in {ckpt_path.parent.name}/.", stacklevel=2)
     if ckpt_path is not None and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state.get("identity") != identity:
-            raise WorkbenchError(f"checkpoint {ckpt_path} belongs to another run (its data, backbone or method "
-                                 "settings differ); delete it or use another checkpoint_dir.")
-        if state["config"] != asdict(cfg):
-            raise WorkbenchError(f"checkpoint {ckpt_path} was written with other training settings; delete it or "
-                                 "use another checkpoint_dir.")
-        module.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"])
-        step, start_epoch, history = state["step"], state["epoch"], state["history"]
-        history["resumed_from_epoch"] = start_epoch
+        # the run identity, settings and precision are checked from the JSON header before any tensor is read
+        meta = read_checkpoint_header(ckpt_path)
+        if meta.get("identity") != _normalised(identity):
+            raise CheckpointError(f"checkpoint {ckpt_path} belongs to another run (its data, backbone or method "
+                                  "settings differ); delete it or use another checkpoint_dir.")
+        if meta.get("config") != _normalised(asdict(cfg)):
+            raise CheckpointError(f"checkpoint {ckpt_path} was written with other training settings; delete it or "
+                                  "use another checkpoint_dir.")
+        if meta.get("precision") != precision:
+            if is_main:
+                warnings.warn(f"{desc}: checkpoint {ckpt_path} was written in precision {meta.get('precision')!r} "
+                              f"on {meta.get('device_type')!r}; this run uses {precision!r} on {device.type!r}, so it "
+                              "does not resume it and starts fresh (its next checkpoint replaces that one).",
+                              stacklevel=2)
+        else:
+            state = meta
+            tensors = read_checkpoint_tensors(ckpt_path)
+            prefix = "trainable/"
+            module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                   strict=False)
+            optimizer.load_state_dict(_optimizer_from_file(tensors, meta["optimizer"]))
+            if scaler.is_enabled() and meta.get("scaler"):
+                scaler.load_state_dict(meta["scaler"])
+            # else: written without a scaler (CPU, fp32/bf16): the scaler starts from its initial scale
+            torch.set_rng_state(tensors["rng/cpu"])
+            cuda_states = [tensors[f"rng/cuda/{i}"] for i in range(meta.get("cuda_generators", 0))]
+            if device.type == "cuda" and torch.cuda.is_available():
+                if len(cuda_states) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(cuda_states)
+                elif is_main:
+                    warnings.warn(f"{desc}: checkpoint {ckpt_path} holds {len(cuda_states)} CUDA generator state(s), "
+                                  f"this machine has {torch.cuda.device_count()} GPU(s): the run resumes, but "
+                                  "its GPU random draws (dropout) differ from an uninterrupted run.", stacklevel=2)
+            state["rng_by_rank"] = [tensors[f"rng/rank/{r}"] for r in range(meta.get("ranks", 0))]
+            step, start_epoch, history = meta["step"], meta["epoch"], meta["history"]
+            history.setdefault("skipped_steps", 0)
+            history["resumed_from_epoch"] = start_epoch
     if dist_ctx is not None:
         if ckpt_path is not None:
             seen = distributed.all_gather(step if state is not None else None)
@@ -265,10 +414,18 @@ def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
         rng_by_rank = distributed.all_gather(torch.get_rng_state()) if dist_ctx is not None else None
         if not is_main:
             return
-        trainable = {k: v.detach().cpu() for k, v in module.state_dict().items() if k in trainable_names}
-        _save_atomic({"trainable": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                      "rng": torch.get_rng_state(), "rng_by_rank": rng_by_rank, "step": step, "epoch": epoch_done,
-                      "history": history, "config": asdict(cfg), "identity": identity}, ckpt_path)
+        tensors = {f"trainable/{k}": v for k, v in module.state_dict().items() if k in trainable_names}
+        opt_tensors, opt_meta = _optimizer_to_file(optimizer.state_dict())
+        tensors.update(opt_tensors)
+        tensors["rng/cpu"] = torch.get_rng_state()
+        cuda_states = _cuda_rng_states()
+        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(cuda_states)})
+        tensors.update({f"rng/rank/{r}": s for r, s in enumerate(rng_by_rank or [])})
+        meta = {"format": CHECKPOINT_FORMAT, "identity": identity, "config": asdict(cfg), "precision": precision,
+                "device_type": device.type, "step": step, "epoch": epoch_done, "history": history,
+                "optimizer": opt_meta, "scaler": scaler.state_dict(), "cuda_generators": len(cuda_states),
+                "ranks": len(rng_by_rank or [])}
+        _write_checkpoint(tensors, meta, ckpt_path)
         if identity is not None and not (ckpt_path.parent / "identity.json").exists():
             # for a person looking into checkpoint_dir: which run each sub-folder belongs to
             (ckpt_path.parent / "identity.json").write_text(json.dumps(identity, indent=1, default=str))
@@ -278,7 +435,7 @@ def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
                    leave=False, delay=2.0)
     module.train()
     epoch = start_epoch
-    first_step, timed = step, None   # timing of the first steps, for the CPU warning
+    first_step, timed, skipped_in_a_row = step, None, 0   # timing of the first steps, for the CPU warning
     while epoch < cfg.epochs and step < total:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
         losses = []
@@ -307,8 +464,27 @@ def train(module: torch.nn.Module, loss_fn: Callable[[object], torch.Tensor],
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scale_before = scaler.get_scale() if scaler.is_enabled() else None
                 scaler.step(optimizer)
                 scaler.update()
+                if scale_before is not None and scaler.get_scale() < scale_before:
+                    # fp16 gradients overflowed: the scaler skipped this update and lowered its scale
+                    history["skipped_steps"] += 1
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= SCALER_SKIP_LIMIT:
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"{desc}: the fp16 gradients overflowed at {skipped_in_a_row} steps in a row (the "
+                            f"gradient scaler skipped them; last at step {step}, epoch {epoch}, lr {lr:.2e}). "
+                            "Lower the learning rate, or train in bf16 or fp32 (precision='amp_bf16' or 'fp32').")
+                else:
+                    skipped_in_a_row = 0
+                    if not _params_finite(params):
+                        bar.close()
+                        raise TrainingDiverged(
+                            f"{desc}: the trained parameters became NaN or infinite at step {step} (epoch {epoch}, "
+                            f"lr {lr:.2e}) although the loss was finite ({value:.4g}). Lower the learning rate, "
+                            "or clip gradients (grad_clip).")
             except torch.cuda.OutOfMemoryError as err:
                 bar.close()
                 raise _out_of_memory(desc, device, step, batch, dist_ctx, err) from None

@@ -187,7 +187,22 @@ def check_config(config: Any, where: str, bounds: Mapping[str, dict] | None = No
         else:
             raise ConfigError(f"{where}: {f.name} must be {_type_name(kinds, none_ok)}, got {value!r} "
                               f"({type(value).__name__}).")
+        _check_not_emptied(config, f, where)
     return config
+
+
+def _check_not_emptied(config, f: dataclasses.Field, where: str) -> None:
+    """A list setting whose default holds values (a search grid, a range) may not be given empty:
+    the method would fall back to something silently while its fit_info claims a search happened."""
+    value = getattr(config, f.name)
+    if not isinstance(value, (list, tuple)) or len(value):
+        return
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        default = f.default
+    if isinstance(default, (list, tuple)) and len(default):
+        raise ConfigError(f"{where}: {f.name} is empty; it needs at least one value (default {list(default)}).")
 
 
 __all__ = ["check_int", "check_float", "check_shots", "check_seed", "check_config", "POSITIVE_INTS",

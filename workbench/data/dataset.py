@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import DataError, did_you_mean
-from .images import UnreadableImage, check_decodes, open_rgb
+from .images import UnreadableImage, array_to_image, check_decodes, open_rgb
 
 STANDARD_SPLITS = ("train", "val", "test")
 
@@ -60,6 +60,8 @@ class Dataset:
     domain: str | None = None
     templates: list[str] | None = None
     metric: str = "accuracy"
+    #: metadata columns for subgroup audits (workbench.audit): column -> {sample id -> value}; never used in fitting
+    groups: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.class_ids = [str(c) for c in self.class_ids]
@@ -236,3 +238,14 @@ def probe_image(path, max_image_pixels: int | None = None) -> str | None:
 
 def labels_of(samples: Sequence[Sample]) -> np.ndarray:
     return np.array([s.label for s in samples], dtype=np.int64)
+
+
+class ArrayReader(Reader):
+    """Reads image ``i`` of split ``s`` from in-memory arrays (picklable for DataLoader workers)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = dict(arrays)
+
+    def __call__(self, ref):
+        split, i = ref
+        return array_to_image(self.arrays[split][i])

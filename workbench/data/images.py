@@ -66,6 +66,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def array_to_image(array: np.ndarray) -> Image.Image:
     """An RGB image from a HxW, HxWx1, HxWx3 or HxWx4 array (uint8, uint16 or float)."""
     arr = np.asarray(array)
+    if arr.dtype == object:
+        raise UnreadableImage("an array of Python objects is not an image (expected numbers)")
+    if np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.complexfloating):
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        if bad:
+            # min/max scaling would turn the whole image black (or NaN): skip it like an undecodable file
+            raise UnreadableImage(f"{bad} of {arr.size} pixel values are NaN or infinite")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim == 2:

@@ -21,7 +21,7 @@ Sources:
 Bad input is refused with the file, the column and the rows: an image with no caption (or,
 with ``drop_uncaptioned=True``, skipped and counted in ``dataset.skipped``), a caption column
 that is empty or numeric, the same image in two splits. Captions longer than a backbone's text
-context are truncated by its tokenizer; :func:`caption_truncation` counts them for the report.
+context are truncated by its tokenizer; :func:`workbench.retrieval.caption_truncation` counts them for the report.
 """
 from __future__ import annotations
 
@@ -407,7 +407,11 @@ def pairs_from_hub(repo_id: str, *, image_column: str = "image", caption_column:
                    drop_uncaptioned: bool = False, domain: str | None = None) -> PairDataset:
     """A Hub dataset with an image column and a caption column (a string, or a list of strings per
     image as ``danielz01/rsicd``'s ``captions``). ``splits`` maps ours to the repo's
-    (default ``train/validation/test``); missing val/test are held out with ``split_seed``."""
+    (default ``train/validation/test``); missing val/test are held out with ``split_seed``.
+
+    With ``id_column`` (ROCO's ``image_id``, RSICD's ``path``) an image listed in two splits is
+    refused naming both rows; byte-level duplicates under different ids are not searched in Hub
+    tables (that would decode every image; the file sources check them)."""
     explicit = splits is not None
     wanted = dict(splits or {"train": "train", "val": "validation", "test": "test"})
     dd = _load_hub(repo_id, config, revision, cache_dir)
@@ -498,23 +502,6 @@ def offline_pairs(root=None, *, captions_per_image: int = 5, val_fraction: float
     return PairDataset(name="whu_rs19_pairs", splits=splits, reader=Reader(), notes=notes, domain="remote_sensing",
                        card=OFFLINE_CARD, source={"kind": "offline_pairs", "path": str(root),
                                                   "templates": list(OFFLINE_TEMPLATES[:captions_per_image])})
-
-
-# -- caption length ----------------------------------------------------------------------------
-
-def caption_truncation(captions: Sequence[str], tokenizer) -> dict:
-    """How many captions exceed the tokenizer's text context (its tokenizer truncates them).
-
-    ``{"context_length", "truncated", "longest_tokens", "total"}``: the count goes into the
-    report and the result row (``captions_truncated``), never silently lost.
-    """
-    from ..towers.prompts import _word_count, context_length
-
-    limit = context_length(tokenizer)
-    lengths = [_word_count(tokenizer, c) + 2 for c in captions]   # + start and end tokens
-    over = [n for n in lengths if n > limit]
-    return {"context_length": limit, "truncated": len(over), "longest_tokens": max(lengths, default=0),
-            "total": len(lengths)}
 
 
 # -- YAMLs -------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..paths import safe_name
 from .dataset import Dataset, Sample
 
 SPLIT_FORMAT = 1
@@ -77,11 +78,19 @@ class FewShotSplit:
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".split.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".split.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                json.dump(asdict(self), f, indent=1)
+            os.replace(tmp, path)
+        except OSError as err:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise ConfigError(f"cannot write split file {str(path)!r}: {err.strerror or err} (full disk or read-only "
+                              "split_dir?). An older file there is intact; free space, fix the permissions or "
+                              "pass another split_dir.") from None
         return path
 
     @classmethod
@@ -212,7 +221,7 @@ def sample_few_shot(dataset: Dataset, shots: int | None, seed: int, *, val_shots
     val_shots = default_val if val_shots is None else _as_int(val_shots, "val_shots", minimum=0)
     path = None
     if split_dir is not None:
-        path = Path(split_dir) / dataset.name.replace("/", "__") / f"{name}_seed{seed}_val{val_shots}.json"
+        path = Path(split_dir) / safe_name(dataset.name, "dataset name") / f"{name}_seed{seed}_val{val_shots}.json"
         if path.exists():
             split = FewShotSplit.load(path)
             if split.fingerprint != dataset.fingerprint():
@@ -252,6 +261,16 @@ def sample_few_shot(dataset: Dataset, shots: int | None, seed: int, *, val_shots
     if path is not None:
         split.save(path)
     return split
+
+
+def check_shots_fit(dataset: Dataset, shots: int) -> None:
+    """Refuse, before any work, a K larger than some class's training images (the DataError of sampling)."""
+    train_pool = dataset.split("train")
+    if train_pool and getattr(train_pool[0], "targets", None) is not None:   # multi-label: positives per finding
+        class_sizes = [sum(1 for s in train_pool if s.targets[label] == 1) for label in range(dataset.n_classes)]
+    else:
+        class_sizes = [sum(1 for s in train_pool if s.label == label) for label in range(dataset.n_classes)]
+    _check_classes_hold(dataset, shots, class_sizes)
 
 
 def _check_classes_hold(dataset: Dataset, shots: int, class_sizes: list[int]) -> None:

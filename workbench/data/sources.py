@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
-from .dataset import (Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
+from .dataset import (ArrayReader, Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
                       resolve_class_names, stratified_holdout)
 from .hub import cache_only, offline_message, offline_reason
 from .images import array_to_image, effective_pixel_limit, open_rgb
@@ -107,6 +107,14 @@ def _decide_layout(root: Path, layout: str) -> tuple[str, dict[str, Path]]:
                             "but none is 'train'. Add root/train/<class>/..., or pass layout='classes' if they "
                             "are classes.")
         layout = "splits" if all_splits else "classes"
+        split_named = [p.name for p in tops if split_of[p]]
+        if layout == "classes" and split_named and len(split_named) < len(tops):
+            import warnings
+
+            warnings.warn(f"image folder {str(root)!r}: folder(s) {split_named} are named like splits but sit beside "
+                          f"class folders, so they are read as classes (layout='classes'). If they hold the "
+                          "test/val images, move the class folders into root/train/ (layout='splits'); pass "
+                          "layout='classes' to confirm they are classes and silence this.", stacklevel=3)
     if layout == "classes":
         return "classes", {"train": root}
     others = [p.name for p in tops if split_of[p] is None]
@@ -186,6 +194,14 @@ def from_folder(root, *, name: str | None = None, class_names=None, layout: str 
                             "training split. Add images or delete the empty folder.")
     check_bad_fraction(name, total, skipped, max_bad_fraction)
     notes: list[str] = []
+    manifests = sorted(p.relative_to(root).as_posix() for d in {root, *folders.values()}
+                       for p in d.glob("*.csv") if p.is_file())
+    if manifests:  # a labels file next to the class folders is not read: say so instead of ignoring it silently
+        msg = (f"image folder {str(root)!r}: found CSV file(s) {manifests} but the folder was read by its "
+               "class sub-folders; to use a CSV's labels instead, load it with from_csv / "
+               "load_dataset('<folder>/<file>.csv')")
+        notes.append(msg)
+        warnings.warn(f"dataset {name!r}: {msg}.", stacklevel=2)
     if ignored:
         notes.append(f"ignored {ignored} file(s) whose extension is not an image extension {sorted(exts)}")
     if skipped:
@@ -238,8 +254,21 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     naming the row. Rows whose label is empty or ``nan``/``None``/``null``/``NA`` are skipped and
     recorded in ``dataset.skipped`` (with a warning). ``encoding``: the file's text encoding
     (``"latin-1"`` for files saved by older Excel versions).
+
+    Multi-label: ``findings=[column, ...]`` (one 1/0/-1/blank column per finding, with
+    ``uncertain=``) or ``label_separator="|"`` (a list per row in ``label_column``) load a
+    :class:`~workbench.data.multilabel.MultiLabelDataset` (see :func:`~workbench.data.multilabel.from_csv_multilabel`).
     """
+    if "findings" in meta or "label_separator" in meta:
+        from .multilabel import from_csv_multilabel
+
+        return from_csv_multilabel(path, name=name, path_column=path_column, split_column=split_column, root=root,
+                                   class_names=class_names, test_fraction=test_fraction, split_seed=split_seed,
+                                   check_images=check_images, max_bad_fraction=max_bad_fraction,
+                                   max_image_pixels=max_image_pixels, encoding=encoding,
+                                   label_column=label_column if "label_separator" in meta else None, **meta)
     effective_pixel_limit(max_image_pixels)
+    group_columns = list(meta.pop("groups", None) or [])   # metadata for subgroup audits (workbench.audit)
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"CSV manifest {str(path)!r} does not exist.")
@@ -247,7 +276,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     name = name or path.stem
     columns, rows = _read_csv_rows(path, encoding)
     for col, what in ((path_column, "path_column"), (label_column, "label_column"),
-                      (split_column, "split_column")):
+                      (split_column, "split_column"), *((g, "groups") for g in group_columns)):
         if col is not None and col not in columns:
             raise DataError(f"CSV {str(path)!r} has no column {col!r} (set by {what}); its columns are "
                             f"{columns}." + did_you_mean(col, columns))
@@ -297,6 +326,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
         data_root = str(root.resolve())
     splits: dict[str, list[Sample]] = {}
     first_row: dict[str, tuple[int, str, str]] = {}
+    groups: dict[str, dict] = {g: {} for g in group_columns}
     for (n, row, lab), file in zip(kept, files):
         raw = str(row[path_column] or "").strip()
         split = "train"
@@ -320,6 +350,8 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
             skipped.append({"id": raw, "reason": reason})
             continue
         splits.setdefault(split, []).append(Sample(sid, index[lab], file))
+        for g in group_columns:
+            groups[g][sid] = str(row[g] if row[g] is not None else "").strip()
     unreadable = skipped[n_unlabelled:]
     check_bad_fraction(name, len(kept), unreadable, max_bad_fraction)
     if n_unlabelled:
@@ -342,21 +374,11 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
     if max_image_pixels is not None:
         source["max_image_pixels"] = max_image_pixels
     return Dataset(name=name, class_ids=class_ids, class_names=readable, splits=splits,
-                   reader=Reader(max_image_pixels), source=source, skipped=skipped, notes=notes, **meta)
+                   reader=Reader(max_image_pixels), source=source, skipped=skipped, notes=notes, groups=groups,
+                   **meta)
 
 
 # -- in-memory arrays (MedMNIST .npz) ---------------------------------------------------------
-
-class ArrayReader(Reader):
-    """Reads image ``i`` of split ``s`` from in-memory arrays (picklable for DataLoader workers)."""
-
-    def __init__(self, arrays: Mapping[str, np.ndarray]):
-        self.arrays = dict(arrays)
-
-    def __call__(self, ref):
-        split, i = ref
-        return array_to_image(self.arrays[split][i])
-
 
 def _integer_labels(lab: np.ndarray, split: str, where: str) -> np.ndarray:
     """Class indices must be integers: a float label would be truncated (1.7 -> class 1) without a word."""
@@ -447,10 +469,18 @@ def from_npz(path, *, class_names: Sequence[str] | None = None, name: str | None
         raise DataError(f"npz file {str(path)!r} does not exist. MedMNIST files can be downloaded from "
                         "medmnist.com (Zenodo) or with the `medmnist` package.")
     try:
-        with np.load(path) as z:
+        with np.load(path, allow_pickle=False) as z:
             keys = list(z.keys())
             images = {s: z[f"{s}_images"] for s in ("train", "val", "test") if f"{s}_images" in z}
             labels = {s: z[f"{s}_labels"] for s in ("train", "val", "test") if f"{s}_labels" in z}
+    except ValueError as err:
+        if "pickle" not in str(err):
+            raise DataError(f"npz {str(path)!r} cannot be read (ValueError: {str(err)[:200]}): the file is "
+                            "truncated or corrupt (an interrupted download?). Delete it and download it "
+                            "again.") from None
+        raise DataError(f"npz {str(path)!r} holds object arrays or pickled data: object arrays are not loaded, for "
+                        "safety (unpickling can run code). Save the images and labels as numeric arrays "
+                        "(np.savez with uint8/float images and integer labels).") from None
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zipfile.LargeZipFile) as err:
         raise DataError(f"npz {str(path)!r} cannot be read ({type(err).__name__}: {str(err)[:200]}): the file is "
                         "truncated or corrupt (an interrupted download?). Delete it and download it again.") from None

@@ -6,7 +6,14 @@
 
 :func:`available_methods` lists them (``details=True``: family, what it trains, reference, cost).
 """
-from .base import Method
 from .registry import METHODS, available_methods, get_method, method_class, method_names, register
+
+
+def __getattr__(name):  # Method (and torch with it) only when asked: `workbench methods` lists without torch
+    if name == "Method":
+        from .base import Method
+
+        return Method
+    raise AttributeError(f"module 'workbench.methods' has no attribute {name!r}")
 
 __all__ = ["Method", "METHODS", "available_methods", "get_method", "method_class", "method_names", "register"]

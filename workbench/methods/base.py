@@ -53,6 +53,12 @@ class Method:
     param_bounds: ClassVar[dict] = {}
     #: files a saved folder must hold besides method.json (checked on load of folders saved without a manifest)
     saved_files: ClassVar[tuple] = ("state.safetensors",)
+    #: which unlabeled images the method uses (see :mod:`workbench.unlabeled`): None (inductive),
+    #: ``"pool"`` (a pool of unlabeled images, or the batch it predicts: TransCLIP) or ``"stream"``
+    #: (the images it predicts, one after the other: TDA)
+    uses_unlabeled: ClassVar[str | None] = None
+    #: after fit: whether the prediction for an image depends on the other images predicted with it
+    transductive: bool = False
 
     def __init__(self, config: Any = None, **params):
         if config is not None and params:
@@ -127,7 +133,10 @@ class Method:
             save_file({k: v.detach().cpu().contiguous() for k, v in self.state().items()},
                       str(tmp / "state.safetensors"))
             self.save_extra(tmp)
-            meta = {"format": SAVE_FORMAT, "method": self.name, "config": dataclasses.asdict(self.config),
+            from ..paths import package_version as __version__
+
+            meta = {"format": SAVE_FORMAT, "workbench_version": __version__, "method": self.name,
+                    "config": dataclasses.asdict(self.config),
                     "class_names": self.class_names, "fit_info": self.fit_info,
                     "files": file_manifest(tmp, exclude={"method.json"})}
             (tmp / "method.json").write_text(json.dumps(meta, indent=1, default=str))
@@ -147,6 +156,16 @@ class Method:
         meta = read_json(meta_path, "saved method folder")
         cls = method_class(meta["method"])
         check_manifest(folder, meta.get("files"), required=cls.saved_files)
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(meta.get("config") or {}) - known)
+        if unknown:
+            from ..paths import package_version as __version__
+
+            raise ConfigError(f"saved method folder {str(folder)!r}: method.json has setting {unknown[0]!r}, which "
+                              f"method {meta['method']!r} of this workbench version ({__version__}) does not know; "
+                              f"the folder was written by workbench {meta.get('workbench_version', 'unknown')} (save "
+                              f"format {meta.get('format')}). Load it with that version, or refit with this one."
+                              + did_you_mean(unknown[0], known))
         method = cls(cls.Config(**meta["config"]))
         method.class_names = list(meta["class_names"])
         method.fit_info = meta.get("fit_info", {})
@@ -209,6 +228,9 @@ def check_manifest(folder: Path, manifest: dict | None, required=()) -> None:
     for name, info in expected.items():
         path = folder / name
         where = f"saved model folder {str(folder)!r} is incomplete"
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ConfigError(f"saved model folder {str(folder)!r}: its manifest names {name!r}, a file outside the "
+                              "folder; the folder is not from the workbench or was altered. Save the model again.")
         if not path.is_file():
             raise ConfigError(f"{where}: {name} is missing. The save was interrupted or the folder was copied only "
                               "partly; copy it again or save the model again.")

@@ -35,6 +35,9 @@ class MethodEntry:
     cost: str
     #: task kinds the method can be fitted on (see workbench.task_kinds)
     tasks: tuple[str, ...] = ("single_label",)
+    #: unlabeled images the method uses: "none" (inductive), "pool" (a pool or the predicted batch), "stream"
+    #: (the predicted images one after the other); see workbench.unlabeled
+    unlabeled: str = "none"
 
 
 METHODS: tuple[MethodEntry, ...] = (
@@ -56,6 +59,18 @@ METHODS: tuple[MethodEntry, ...] = (
                 "Silva-Rodríguez et al. CVPR'24", "seconds"),
     MethodEntry("clip_adapter", "features.clip_adapter", "features", "residual bottleneck MLP on image features",
                 "Gao et al. IJCV'23", "seconds"),
+    MethodEntry("proker", "features.proker", "features", "nothing (kernel ridge regression around zero-shot)",
+                "Bendou et al. CVPR'25", "seconds"),
+    MethodEntry("transclip", "features.transclip", "features", "nothing (GMM + k-NN graph over unlabeled images)",
+                "Zanella et al. NeurIPS'24", "seconds", unlabeled="pool"),
+    MethodEntry("tda", "features.tda", "features", "nothing (positive/negative caches on the test stream)",
+                "Karmanov et al. CVPR'24", "seconds", unlabeled="stream"),
+    MethodEntry("chexzero", "features.multilabel", "features",
+                "nothing (positive/negative prompt pair per finding)", "Tiu et al. Nat. Biomed. Eng. 2022 (CheXzero)",
+                "seconds", tasks=("multi_label",)),
+    MethodEntry("ovr_linear_probe", "features.multilabel", "features",
+                "one logistic regression per finding (one-vs-rest)", "CLIP/CoOp linear probe, one-vs-rest", "seconds",
+                tasks=("multi_label",)),
     MethodEntry("coop", "prompts.coop", "prompts", "text context vectors",
                 "Zhou et al. IJCV'22", "minutes (GPU)"),
     MethodEntry("kgcoop", "prompts.kgcoop", "prompts", "text context vectors, pulled to the hand-crafted prompt",

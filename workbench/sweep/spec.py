@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
+from ..safe_yaml import load_yaml
 from ..errors import ConfigError, did_you_mean
 from ..paths import repo_root, resolve
 from ..results import make_cell
@@ -112,7 +112,7 @@ class SweepSpec:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"sweep spec {str(path)!r} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path, what="sweep spec") or {}   # size-limited, bounded aliases, no python tags
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of sweep settings.")
         if "allow_notebook_outside" in data:

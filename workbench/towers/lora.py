@@ -53,6 +53,15 @@ def load_lora(base: nn.Module, folder: Path) -> nn.Module:
     """Re-attach adapters saved by :func:`save_lora` to a split base model."""
     from peft import PeftModel
 
+    folder = Path(folder)
+    if not (folder / "adapter_model.safetensors").is_file():
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise ConfigError(
+            f"LoRA adapter folder {str(folder)!r} has "
+            + ("only adapter_model.bin, a pickled file that can run code when read: it is not loaded, for safety. "
+               "Convert it where it was made (peft: save_pretrained(..., safe_serialization=True)) or refit."
+               if pickled else "no adapter_model.safetensors; save the model again."))
+    # with adapter_model.safetensors present, peft reads it and never the pickled adapter_model.bin
     return PeftModel.from_pretrained(base, str(folder))
 
 

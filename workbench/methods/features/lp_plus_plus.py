@@ -21,6 +21,11 @@ Optimisation, full batch on the cached support features, no learning-rate search
 * Selection: the reference reports the epoch with the best accuracy on a K-shot validation
   set (``>=``, so the latest best); ``epoch_selection="val"`` (default) does the same on the
   split's K-shot validation set, ``"last"`` keeps the final epoch. The test split is never read.
+  Difference in size: the reference's validation set has **K** images per class
+  (``main.py``: ``generate_fewshot_dataset_(shots, split="val")``); the workbench's split holds
+  ``min(K, 4)`` per class for every method, so at K = 8 or 16 LP++ chooses its epoch on 4 images
+  per class — a noisier choice (the same for K ≤ 4). ``run_experiment(..., val_shots=K)`` draws the
+  reference's K per class; ``fit_info["val_per_class"]`` records what was used.
 
 Where the reference code departs from the paper's stated math, the paper is the default and the
 code's behaviour is a named option (measured in the README):
@@ -171,6 +176,7 @@ class LPPlusPlus(Method):
         self.fit_info = {"lr_w": lr_w, "lr_alpha": lr_alpha, "init_alpha": alpha0, "n_samples": n,
                          "epochs": cfg.epochs, "chosen_epoch": chosen, "epoch_selection": cfg.epoch_selection,
                          "best_val_accuracy": best[0] if best[2] is not None else None,
+                         "val_per_class": (len(val) / c) if val is not None else 0,
                          "final_loss": losses[-1], "prototype_init": cfg.prototype_init,
                          "alpha_gradient": cfg.alpha_gradient, "templates": list(task.templates)}
         return self

@@ -28,9 +28,17 @@ baselines pick settings on the test set; nothing here does.)
 Scale of the prototypes: the reference starts ``W`` at CLIP's *raw* text embeddings (their norm
 depends on the backbone) and anchors the penalty there; the workbench's text classifier is
 unit-norm. Because the logits are cosines, training ``r·u`` with learning rate η is the same as
-training ``u`` with η/r² and the penalty multiplied by r². ``text_norm = r`` (default 1) scales
-the text embeddings that initialise and anchor the prototypes, to reproduce the reference's
-step sizes for a backbone whose raw text-embedding norm you know.
+training ``u`` with η/r² and the penalty multiplied by r². That equivalence holds class by
+class, and the reference's norms r_c differ per class (each class's raw embedding has its own
+length), so one number cannot reproduce it: ``text_norm = r`` (default 1) scales every class's
+unit anchor by the same r — the reference's step sizes only when all classes share the norm r.
+``text_norm = "raw"`` is the reference (``_get_base_text_features``): each class's anchor is the
+mean of its *raw* (unnormalised) text embeddings over the task's templates, so it has the
+reference's direction and its own norm r_c (needs the backbone's text encoder; description and
+language options of the task are not used for it). Effect of the default: every class moves at
+the step size of norm 1 instead of r_c — relatively larger steps by r_c² where r_c > 1, and a CLAP
+penalty relatively weaker by r_c² — and with several templates the anchor's direction is the
+workbench's ensemble (mean of unit embeddings) rather than the mean of raw ones.
 """
 from __future__ import annotations
 
@@ -167,15 +175,37 @@ def l2_penalty(prototypes: torch.Tensor, anchors: torch.Tensor, multipliers: tor
     return (multipliers * (prototypes - anchors).pow(2).sum(-1)).mean()
 
 
+def _check_text_norm(value, method: str):
+    if value == "raw":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{method}: text_norm must be a number > 0 or 'raw' (each class's raw text-embedding norm, "
+                          f"the reference), got {value!r}.")
+
+
+def raw_text_anchors(backbone, class_names, templates) -> torch.Tensor:
+    """``[C, D]``: per class, the mean of the raw (unnormalised) text embeddings of its prompts — the
+    reference's ``_get_base_text_features`` (float32, CPU)."""
+    if not hasattr(backbone, "tokenize") or getattr(backbone, "model", None) is None:
+        raise ConfigError("text_norm='raw' needs the backbone's text encoder (a FewShotTask on a Backbone); this task "
+                          "only holds a text classifier. Pass a number instead (e.g. the known raw norm).")
+    rows = []
+    for name in class_names:
+        tokens = backbone.tokenize([t.format(name) for t in templates]).to(backbone.device)
+        with torch.inference_mode(), backbone.autocast():
+            rows.append(backbone.model.encode_text(tokens).float().mean(0).cpu())
+    return torch.stack(rows)
+
+
 @dataclass
 class ZSLPConfig(CachedTrainingConfig):
-    #: norm given to the text embeddings that initialise (and, for CLAP, anchor) the prototypes; see the module doc
-    text_norm: float = 1.0
+    #: norm given to the text embeddings that initialise (and, for CLAP, anchor) the prototypes: a number
+    #: for every class, or "raw" (each class's raw text embedding, the reference); see the module doc
+    text_norm: float | str = 1.0
 
     def __post_init__(self):
         self._check("zs_lp")
-        if not self.text_norm > 0:
-            raise ConfigError(f"zs_lp: text_norm must be > 0, got {self.text_norm!r}.")
+        _check_text_norm(self.text_norm, "zs_lp")
 
 
 @dataclass
@@ -185,8 +215,7 @@ class CLAPConfig(ZSLPConfig):
 
     def __post_init__(self):
         self._check("clap")
-        if not self.text_norm > 0:
-            raise ConfigError(f"clap: text_norm must be > 0, got {self.text_norm!r}.")
+        _check_text_norm(self.text_norm, "clap")
         if self.multipliers not in MULTIPLIERS:
             from ...errors import did_you_mean
 
@@ -206,7 +235,10 @@ class ZSLP(Method):
         pool, labels = support.flat()
         pool = pool.float()
         c = task.n_classes
-        anchors = task.text_classifier().float() * cfg.text_norm
+        if cfg.text_norm == "raw":
+            anchors = raw_text_anchors(task.backbone, task.class_names, task.templates)
+        else:
+            anchors = task.text_classifier().float() * cfg.text_norm
         self.scale = torch.tensor(float(task.backbone.logit_scale))
         self.bias = torch.tensor(float(task.backbone.logit_bias or 0.0))
         info = {}

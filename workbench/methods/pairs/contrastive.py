@@ -14,7 +14,9 @@ FLYP (Goyal et al., "Finetune like you pretrain", CVPR 2023; reference code locu
   ``loss.py::SigLipLoss``), ``L = −(1/B)·Σ_ij log σ(z_ij·(s·I_i·T_j + b))`` with ``z_ij = +1`` on the
   diagonal and ``−1`` elsewhere, ``s`` and ``b`` learnt;
 * AdamW (FLYP: lr 1e-5, weight decay 0.1, batch 256–512, cosine schedule); augmentation is
-  open_clip's training transform (RandomResizedCrop scale 0.9–1, no flip).
+  open_clip's training transform (RandomResizedCrop scale 0.9–1, no flip);
+* the text tower runs only up to the longest caption of the batch (:mod:`workbench.towers.text`,
+  exact on CLIP and BERT towers; other towers, e.g. SigLIP's, run at full length).
 
 What is trained (``pairs_lora`` / ``pairs_svd`` / ``pairs_full``):
 
@@ -64,6 +66,7 @@ from ...towers.interpolate import ALPHA_GRID, check_alpha, interpolate_tensors
 from ...towers.lora import add_lora
 from ...towers.select import block_of, tower_of
 from ...towers.svd import add_svd, merge_svd
+from ...towers.text import TextTower
 from ...training import ImageBatches, TrainConfig, train
 from ..base import Method
 from ..registry import register
@@ -211,7 +214,7 @@ class ContrastiveFineTune(Method):
         train_samples = pairs.split("train")
         decoded = [pairs.reader(s.ref) for s in train_samples]
         texts, owner = pairs.texts("train")
-        from ...data.pairs import caption_truncation
+        from ...retrieval import caption_truncation
 
         truncation = caption_truncation(texts, backbone.tokenizer)
         tokens = backbone.tokenize(texts).to(backbone.device)
@@ -222,10 +225,19 @@ class ContrastiveFineTune(Method):
         total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch
         epochs = max(1, -(-total // per_epoch))
 
+        # captions run only up to the batch's longest one (exact: towers.text; full length for other towers)
+        try:
+            tower = TextTower(inner, self.name)
+        except ConfigError:
+            tower = None
+
+        def encode_text(tok):
+            return tower.encode(tower.embed(tok), tok) if tower is not None else model.encode_text(tok)
+
         def loss_fn(batch):
             pixels, caption_idx = batch
             img = F.normalize(model.encode_image(pixels).float(), dim=-1)
-            txt = F.normalize(model.encode_text(tokens[caption_idx]).float(), dim=-1)
+            txt = F.normalize(encode_text(tokens[caption_idx]).float(), dim=-1)
             scale, bias = self._scale_and_bias(inner)
             return clip_loss(img, txt, scale.float(), None if bias is None else bias.float())
 

@@ -26,6 +26,15 @@ per-dataset λ₁/λ₂/τ come from the dataset YAML's ``method_presets.biomedc
 …, KneeXray 5/20 with τ 1.75), applied by :func:`workbench.run_experiment`. The reference
 trains in fp32; here precision follows the backbone (fp16 autocast on CUDA by default).
 
+Train mode (``train_mode=True``, the reference's behaviour): the reference registers the whole
+CustomCLIP with Dassl, whose ``set_model_mode("train")`` puts it in train mode every epoch, so
+the BiomedCLIP text tower's dropout is active while the context learns (the final classifier is
+computed in eval mode, as the reference tests in eval mode). Its effect: noisier text features
+during training — a regulariser on the context. ``train_mode=False`` keeps the tower in eval
+mode (the workbench's earlier behaviour: deterministic training steps). Image features come from
+the cache, computed in eval mode; BiomedCLIP's ViT has no dropout, so that matches too. The
+description bank is encoded in eval mode in both (the reference's frozen copy is ``.eval()``).
+
 The description bank is data, not code: the ``descriptions:`` key of the dataset YAML
 (``{class name: [descriptions…]}``; the BiomedCoOp sets ship the reference bank, MIT licence),
 or ``FewShotTask(descriptions=...)``.
@@ -58,6 +67,10 @@ class BiomedCoOpConfig(CoOpConfig):
     tau: float = 1.5
     #: descriptions used per class (the first n of the bank)
     n_prompts: int = 50
+    #: train the context with the model in train mode, as the reference does (Dassl's
+    #: ``set_model_mode("train")`` on the whole CustomCLIP): the BiomedCLIP text tower's dropout
+    #: (PubMedBERT, p = 0.1) is active while the context learns. False: eval mode (deterministic text features)
+    train_mode: bool = True
 
 
 def _dataset_spec(name: str) -> dict | None:
@@ -138,6 +151,10 @@ class BiomedCoOp(CoOp):
                             log_target=True) / logits.numel()
             return l1 * sccm + l2 * kdsp
         return term
+
+    def _train_mode(self, model) -> None:
+        if self.config.train_mode:
+            model.train()   # the image features are cached (eval transform); the text tower is what dropout reaches
 
     def fit(self, task) -> "BiomedCoOp":
         description_bank(task, task.class_names, self.config.n_prompts)  # a missing bank fails before encoding

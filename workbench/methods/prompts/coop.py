@@ -241,10 +241,14 @@ class CoOp(Method):
                            warmup_lr=cfg.warmup_lr, grad_clip=cfg.grad_clip, seed=task.seed,
                            checkpoint_every=cfg.checkpoint_every if cfg.checkpoint_dir else None)
         model.eval()
-        history = train(learner, loss_fn, batches, tcfg, device=backbone.device, precision=backbone.precision,
-                        checkpoint_dir=cfg.checkpoint_dir, identity=self.checkpoint_identity(task),
-                        steps_per_epoch=steps, desc=type(self).__name__, cpu_hint="epochs={epochs}",
-                        batch_size=cfg.batch_size)
+        self._train_mode(model)   # BiomedCoOp: the reference's model.train() (text-tower dropout)
+        try:
+            history = train(learner, loss_fn, batches, tcfg, device=backbone.device, precision=backbone.precision,
+                            checkpoint_dir=cfg.checkpoint_dir, identity=self.checkpoint_identity(task),
+                            steps_per_epoch=steps, desc=type(self).__name__, cpu_hint="epochs={epochs}",
+                            batch_size=cfg.batch_size)
+        finally:
+            model.eval()   # the backbone is shared: never leave it in train mode
         self.scale, self.bias = torch.tensor(scale), torch.tensor(bias)
         wise_info = None
         if wise is not None:
@@ -310,6 +314,10 @@ class CoOp(Method):
     def _regulariser(self, task, tower):
         """None, or ``f(text_features, image_features, logits) -> loss term`` added to the cross-entropy."""
         return None
+
+    def _train_mode(self, model) -> None:
+        """Modules to put in train mode while the context learns (CoOp: none; the CLIP text tower has
+        no dropout, so the reference's mode makes no difference here)."""
 
     def predict_logits(self, features: torch.Tensor) -> torch.Tensor:
         self._check_fitted()

@@ -11,7 +11,13 @@ All three run on :mod:`workbench.towers.prompts` (prompt tokens replaced at the 
   (the other two stay as frozen words: ``[SOS][ctx₁ ctx₂] of a [CLASS].``), fresh text prompts
   N(0, 0.02) for blocks 1 … J−1, and the *coupling*: the image prompts of block j are
   ``Linear_j(text prompts of block j)`` (one Linear text-width → image-width per block, PyTorch's
-  default init). Depth J = 9 (3 for the cross-dataset config); SGD lr 0.0035, 5 epochs, batch 4.
+  default init). As in the reference (``MultiModalPromptLearner``: ``proj`` for the first block,
+  ``_get_clones(single_layer, depth − 1)`` for the deeper ones), the deep coupling layers start as
+  identical copies of one layer and the first block's layer is its own
+  (``coupling_init="clones"``, default); ``coupling_init="independent"`` initialises every layer
+  separately (the workbench's earlier behaviour: J distinct random maps at the start, so the deep
+  image prompts start less alike; the trained layers diverge either way).
+  Depth J = 9 (3 for the cross-dataset config); SGD lr 0.0035, 5 epochs, batch 4.
 * **ivlp** — independent vision–language prompts: 2 text tokens ("a photo of a" init, as MaPLe)
   and 2 image tokens, each with its own N(0, 0.02) prompts in blocks 1 … 11 (depth 12 in both
   towers), no coupling; SGD lr 0.0035, 5 epochs, batch 4.
@@ -19,7 +25,10 @@ All three run on :mod:`workbench.towers.prompts` (prompt tokens replaced at the 
   hand-crafted "a photo of a {}."; SGD lr 0.0025, 5 epochs, batch 4.
 
 Shared: cosine per epoch after one warm-up epoch at 1e-5 (momentum 0.9, weight decay 5e-4,
-Dassl's defaults), RandomResizedCrop + flip, fp16 autocast on CUDA. Image prompts change the
+Dassl's defaults), RandomResizedCrop + flip, fp16 autocast on CUDA. Batches as Dassl's train loader
+makes them (``drop_last=True`` when the support set holds at least one batch): a fresh shuffle cut
+into ``N // batch_size`` full batches, the last partial batch dropped (so each epoch skips
+``N mod batch_size`` random images, as the reference does); ``drop_last=False`` keeps it. Image prompts change the
 image features, so these methods cannot use cached features: every step streams an augmented
 image batch through the (frozen, prompted) image encoder and all class prompts through the
 text encoder (:class:`workbench.training.ImageBatches`, as CLIP-LoRA). Only the prompts and the
@@ -28,6 +37,7 @@ offline ``workbench-tiny`` has 3 blocks per tower, so use ``prompt_depth ≤ 3``
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +60,7 @@ class Design:
     depth_vision: int
     coupled: bool
     ctx_init: str
+    coupling_init: str = "clones"
 
 
 class MultiModalPrompts(nn.Module):
@@ -70,7 +81,12 @@ class MultiModalPrompts(nn.Module):
         self.text_deep = nn.ParameterList([normal(design.n_text, t_width) for _ in range(max(design.depth_text - 1, 0))])
         if design.coupled:
             torch.manual_seed(seed)  # default Linear init of the coupling layers
-            self.couple = nn.ModuleList([nn.Linear(t_width, vision_width) for _ in range(design.depth_vision)]).to(device)
+            if design.coupling_init == "clones":   # reference: proj, then _get_clones(single_layer, depth - 1)
+                first, single = nn.Linear(t_width, vision_width), nn.Linear(t_width, vision_width)
+                layers = [first] + [copy.deepcopy(single) for _ in range(design.depth_vision - 1)]
+            else:
+                layers = [nn.Linear(t_width, vision_width) for _ in range(design.depth_vision)]
+            self.couple = nn.ModuleList(layers).to(device)
         else:
             self.vision = nn.ParameterList([normal(design.n_vision, vision_width)
                                             for _ in range(design.depth_vision if design.n_vision else 0)])
@@ -105,9 +121,15 @@ class MaPLeConfig:
     grad_clip: float | None = None
     checkpoint_dir: str | None = None
     checkpoint_every: int = 10
+    #: drop the last partial batch of each epoch, as Dassl's train loader (reference); False keeps it
+    drop_last: bool = True
+    #: MaPLe's coupling layers: "clones" (reference: the deep layers start as copies of one layer) or
+    #: "independent" (each layer its own init); IVLP and VPT-deep have no coupling
+    coupling_init: str = "clones"
 
     def design(self) -> Design:
-        return Design(self.n_ctx, self.n_ctx, self.prompt_depth, self.prompt_depth, True, self.ctx_init)
+        return Design(self.n_ctx, self.n_ctx, self.prompt_depth, self.prompt_depth, True, self.ctx_init,
+                      self.coupling_init)
 
 
 @dataclass
@@ -129,6 +151,21 @@ class VPTDeepConfig(MaPLeConfig):
 
     def design(self) -> Design:
         return Design(0, self.n_ctx, 0, self.prompt_depth, False, self.ctx_init)
+
+
+class _DasslBatches(ImageBatches):
+    """ImageBatches as Dassl's train loader cuts them: ``N // batch_size`` full batches per epoch (the
+    last partial one dropped), one partial batch when the support set is smaller than a batch."""
+
+    def __len__(self) -> int:
+        from .coop import steps_per_epoch
+
+        return steps_per_epoch(len(self.images), self.batch_size)
+
+    def _batch_indices(self, generator: torch.Generator):
+        order = torch.randperm(len(self.images), generator=generator)
+        for i in range(len(self)):
+            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
 
 
 class PromptedModel(nn.Module):
@@ -166,6 +203,9 @@ class MaPLe(Method):
 
     def _build(self, backbone, class_names, seed: int):
         design = self.config.design()
+        if design.coupling_init not in ("clones", "independent"):
+            raise ConfigError(f"{self.name}: coupling_init must be 'clones' (the reference) or 'independent', got "
+                              f"{design.coupling_init!r}.")
         model = backbone.model
         tower = TextTower(model, self.name)
         text = TextPrompter(tower, design.n_text, design.depth_text, self.name)
@@ -185,8 +225,9 @@ class MaPLe(Method):
             p.requires_grad_(False)
         text, vision, prompts = self._build(backbone, task.class_names, task.seed)  # bad depths fail here
         images, labels = task.support_images()
-        batches = ImageBatches(images, labels, backbone.augment_transform(tuple(cfg.aug_scale)), cfg.batch_size,
-                               seed=task.seed, device=backbone.device)
+        batches = (_DasslBatches if cfg.drop_last else ImageBatches)(
+            images, labels, backbone.augment_transform(tuple(cfg.aug_scale)), cfg.batch_size, seed=task.seed,
+            device=backbone.device)
         scale, bias = backbone.logit_scale, backbone.logit_bias or 0.0
         fixed_text = None
         if prompts.design.n_text == 0:  # VPT-deep: the hand-crafted prompt, encoded once
@@ -213,7 +254,9 @@ class MaPLe(Method):
         self._attach(backbone, text, vision, prompts)
         d = prompts.design
         self.fit_info = {"design": {"n_text": d.n_text, "n_vision": d.n_vision, "depth_text": d.depth_text,
-                                    "depth_vision": d.depth_vision, "coupled": d.coupled},
+                                    "depth_vision": d.depth_vision, "coupled": d.coupled,
+                                    "coupling_init": d.coupling_init if d.coupled else None},
+                         "drop_last": cfg.drop_last, "steps_per_epoch": len(batches),
                          "epochs": cfg.epochs, "steps": history["steps"],
                          "trainable_parameters": sum(p.numel() for p in prompts.parameters() if p.requires_grad),
                          "first_epoch_loss": history["epoch_loss"][0], "final_loss": history["epoch_loss"][-1],

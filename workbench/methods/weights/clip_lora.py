@@ -150,7 +150,7 @@ class CLIPLoRA(Method):
     def _templates(self, task) -> list[str]:
         from ...prompts import validate_templates
 
-        t = self.config.templates
+        t = self._effective_config().templates   # CLIP-SVD: a preset carries its reference template
         if t == "dataset":
             return list(task.templates)
         if t == "dataset_first":

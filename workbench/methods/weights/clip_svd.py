@@ -20,7 +20,9 @@ arXiv 2509.03740; reference code HealthX-Lab/CLIP-SVD ``svf_utils/svf_torch.py``
   the workbench's autocast + scaler (fp32 on CPU).
 * BiomedCLIP presets (``preset="biomedclip:<dataset>"``, ``train.py:run_biomedical_training`` and
   ``configs/few_shot/<dataset>.yaml``): 100 epochs (CTKidney 200), weight decay 0, the
-  per-dataset learning rate of :data:`BIOMEDCLIP_PRESETS`. The reference steps a
+  per-dataset learning rate and the config's single ``template`` of :data:`BIOMEDCLIP_PRESETS`
+  ("a photo of a {}." everywhere except COVID: "a chest xray of {}."), used unless ``templates``
+  is set to something other than the default ``"dataset_first"``. The reference steps a
   ``CosineAnnealingLR(T_max=epochs)`` every *iteration*, so its learning rate cycles when an
   epoch has several batches; here the cosine runs once over all iterations (a deliberate fix).
 
@@ -42,11 +44,14 @@ from ...towers.svd import add_svd, load_singular_values, merge_svd, singular_val
 from ..registry import register
 from .clip_lora import CLIPLoRA
 
-#: BiomedCLIP per-dataset learning rate and epochs (HealthX-Lab/CLIP-SVD configs/few_shot/*.yaml)
+_PHOTO = "a photo of a {}."
+#: BiomedCLIP per-dataset learning rate, epochs and prompt template (HealthX-Lab/CLIP-SVD
+#: configs/few_shot/<dataset>.yaml: ``lr``, ``train_epochs``, ``template``)
 BIOMEDCLIP_PRESETS = {
-    "btmri": (0.007, 100), "chmnist": (0.007, 100), "retina": (0.007, 100), "busi": (0.002, 100),
-    "covid": (0.0005, 100), "ctkidney": (0.001, 200), "kneexray": (0.008, 100), "kvasir": (0.005, 100),
-    "lungcolon": (0.003, 100), "octmnist": (0.01, 100),
+    "btmri": (0.007, 100, _PHOTO), "chmnist": (0.007, 100, _PHOTO), "retina": (0.007, 100, _PHOTO),
+    "busi": (0.002, 100, _PHOTO), "covid": (0.0005, 100, "a chest xray of {}."), "ctkidney": (0.001, 200, _PHOTO),
+    "kneexray": (0.008, 100, _PHOTO), "kvasir": (0.005, 100, _PHOTO), "lungcolon": (0.003, 100, _PHOTO),
+    "octmnist": (0.01, 100, _PHOTO),
 }
 
 
@@ -85,7 +90,8 @@ class CLIPSVDConfig:
 
 
 def apply_preset(config: CLIPSVDConfig) -> CLIPSVDConfig:
-    """The config with a BiomedCLIP preset's learning rate, epochs and weight decay filled in."""
+    """The config with a BiomedCLIP preset's learning rate, epochs, weight decay and template filled in
+    (the template only while ``templates`` is the default ``"dataset_first"``)."""
     if config.preset is None:
         return config
     kind, _, dataset = str(config.preset).partition(":")
@@ -93,8 +99,9 @@ def apply_preset(config: CLIPSVDConfig) -> CLIPSVDConfig:
         names = [f"biomedclip:{d}" for d in BIOMEDCLIP_PRESETS]
         raise ConfigError(f"clip_svd: unknown preset {config.preset!r}; choose one of {names}."
                           + did_you_mean(str(config.preset), names))
-    lr, epochs = BIOMEDCLIP_PRESETS[dataset]
-    return dataclasses.replace(config, lr=lr, epochs=epochs, weight_decay=0.0)
+    lr, epochs, template = BIOMEDCLIP_PRESETS[dataset]
+    templates = [template] if config.templates == "dataset_first" else config.templates
+    return dataclasses.replace(config, lr=lr, epochs=epochs, weight_decay=0.0, templates=templates)
 
 
 @register("clip_svd")
