@@ -1,7 +1,7 @@
 """Pretrain the offline model ``workbench-tiny-scenes``: a small CLIP taught by the workbench itself.
 
 The model is the ``workbench-tiny-scenes`` open_clip architecture (``model_configs/``: 48 px
-images, 8 px patches, two 64-wide blocks per tower, a 24-token text context, the open_clip BPE
+images, 6 px patches, two 64-wide blocks per tower, a 24-token text context, the open_clip BPE
 tokenizer and its full 49 408-token vocabulary), initialised from a recorded seed and trained with
 the workbench's own contrastive trainer (:func:`workbench.methods.pairs.contrastive.fine_tune_pairs`,
 ``pairs_full``: symmetric InfoNCE with a learned logit scale, AdamW, cosine schedule, the
@@ -38,7 +38,7 @@ from .scenes_model import (ASSET_DIR, CARD_FILE, META_FILE, RANDOM_TAG, SCENES_M
 #: the corpus seed of the held-out evaluation scenes (training uses the corpus seed of the run, 0 by default)
 HELDOUT_SEED = 1_000_003
 
-DEFAULTS = {"n_scenes": 4800, "steps": 260, "batch_size": 64, "lr": 1.5e-3, "weight_decay": 0.1, "seed": 0,
+DEFAULTS = {"n_scenes": 60000, "steps": 2500, "batch_size": 128, "lr": 1.5e-3, "weight_decay": 0.1, "seed": 0,
             "init_seed": 0, "grad_clip": 1.0}
 
 
@@ -73,6 +73,8 @@ HELDOUT_TASKS = {
     "shape": (None, ("a photo of a {}.", "a {} on a background.")),
     "colour": (None, ("a photo of a {} object.", "a {} shape.")),
     "background": (None, ("a photo of objects on a {} background.", "a {} background.")),
+    "texture": (None, ("a photo of a {} shape.", "a {} object.")),
+    "size": (None, ("a photo of a {} shape.", "a {} object.")),
 }
 
 
@@ -83,10 +85,11 @@ def heldout_scenes(attribute: str = "shape", *, train_per_class: int = 16, val_p
     The in-domain reference for the shifted domains: same generator, same words, new scenes.
     """
     from .data.dataset import Dataset, Sample
-    from .data.scenes import BACKGROUNDS, COLOURS, SHAPES, SceneCorpus
+    from .data.scenes import BACKGROUNDS, COLOURS, SHAPES, SIZES, TEXTURES, SceneCorpus
     from .errors import DataError
 
-    values = {"shape": list(SHAPES), "colour": list(COLOURS), "background": list(BACKGROUNDS)}
+    values = {"shape": list(SHAPES), "colour": list(COLOURS), "background": list(BACKGROUNDS),
+              "texture": list(TEXTURES), "size": list(SIZES)}
     if attribute not in values:
         raise DataError(f"heldout_scenes: attribute {attribute!r} is not one of {sorted(values)}.")
     classes = values[attribute]
@@ -179,7 +182,8 @@ def pretrain(*, n_scenes: int, steps: int, batch_size: int, lr: float, weight_de
             "token_rows_shipped": int(len(ids)), "loss_curve": curve,
             "captions_truncated": fitted.fit_info["captions_truncated"],
             "train_seconds": round(train_seconds, 1), "weights_bytes": weights.stat().st_size,
-            "logit_scale": round(trained.logit_scale, 2), "torch": torch.__version__}
+            "logit_scale": round(trained.logit_scale, 2), "torch": torch.__version__,
+            "threads": torch.get_num_threads()}
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     shipped = load_scenes_backbone(device="auto", folder=out)
     after = evaluate(shipped, test_per_class) if evaluate_sets else {}
@@ -191,6 +195,22 @@ def pretrain(*, n_scenes: int, steps: int, batch_size: int, lr: float, weight_de
           f"{weights.stat().st_size / 1e6:.2f} MB ({weights})", flush=True)
     if after:
         print("[pretrain] zero-shot after:", json.dumps({k: v["zero_shot"] for k, v in after.items()}), flush=True)
+    return meta
+
+
+def evaluate_shipped(out: Path, test_per_class: int = 24) -> dict:
+    """Zero-shot before (the init seed's random weights) and after (the weights in ``out``); rewrites
+    ``model.json`` and the card. Used after ``--no-eval`` runs and to re-measure shipped weights."""
+    from .backbones import load_backbone
+
+    meta = json.loads((out / META_FILE).read_text())
+    before = evaluate(load_backbone(SCENES_MODEL, RANDOM_TAG, device="auto", seed=meta["init_seed"]), test_per_class)
+    after = evaluate(load_scenes_backbone(device="auto", folder=out), test_per_class)
+    meta.update({"zero_shot_before": before, "zero_shot_after": after})
+    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    (out / CARD_FILE).write_text(model_card(meta))
+    print("[pretrain] zero-shot before:", json.dumps({k: v["zero_shot"] for k, v in before.items()}), flush=True)
+    print("[pretrain] zero-shot after:", json.dumps({k: v["zero_shot"] for k, v in after.items()}), flush=True)
     return meta
 
 
@@ -208,8 +228,8 @@ def model_card(meta: dict) -> str:
              f"- init seed {meta['init_seed']}; training seed {meta['seed']}; {meta['steps']} steps of "
              f"{meta['batch_size']} pairs; AdamW lr {meta['lr']}, weight decay {meta['weight_decay']}, "
              f"grad clip {meta['grad_clip']}, {meta['schedule']}; crops scale {meta['aug_scale']}",
-             f"- training time {meta['train_seconds']} s, whole run {meta.get('wall_seconds')} s (2 shared CPU "
-             f"cores, torch {meta['torch']}); final logit scale {meta['logit_scale']}",
+             f"- training time {meta['train_seconds']} s, whole run {meta.get('wall_seconds')} s ({meta.get('threads', '?')} "
+             f"torch thread(s) on 2 shared CPU cores, torch {meta['torch']}); final logit scale {meta['logit_scale']}",
              f"- shipped: fp16 safetensors, {meta['weights_bytes'] / 1e6:.2f} MB; {meta['token_rows_shipped']} "
              "token-embedding rows (the tokens of the training captions), the others re-created from the init seed",
              f"- captions longer than the 24-token context: {meta['captions_truncated']}", "",
@@ -241,8 +261,17 @@ def main(argv=None) -> int:
                    help="the training loop's checkpoints (rerun the same command to resume); '' = none")
     p.add_argument("--out", default=str(ASSET_DIR), help="where the weights, model.json and the card go")
     p.add_argument("--no-eval", action="store_true", help="skip the zero-shot evaluation before and after")
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="no training: measure zero-shot before/after for the weights in --out and rewrite its card")
     p.add_argument("--test-per-class", type=int, default=24)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1 is fastest for this tiny model on a shared 2-core machine: the "
+                        "matrices are too small to split, and busy cores make threads wait on each other)")
     args = p.parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
+    if args.evaluate_only:
+        evaluate_shipped(Path(args.out), args.test_per_class)
+        return 0
     pretrain(n_scenes=args.n_scenes, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
              weight_decay=args.weight_decay, seed=args.seed, init_seed=args.init_seed, grad_clip=args.grad_clip,
              checkpoint_dir=args.checkpoint_dir or None, out=Path(args.out), evaluate_sets=not args.no_eval,

@@ -68,6 +68,12 @@ def load_scenes_backbone(device: str = "auto", precision: str = "auto", folder: 
     state["token_embedding.weight"] = embedding
     reference = model.state_dict()
     state = {k: v.to(reference[k].dtype) for k, v in state.items() if k in reference}
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(reference[k].shape)}" for k, v in state.items()
+              if v.shape != reference[k].shape]
+    if shapes:   # weights of another architecture version: say so instead of torch's size-mismatch trace
+        raise BackboneError(f"{weights}: made for another {SCENES_MODEL!r} architecture than "
+                            f"model_configs/{SCENES_MODEL}.json ({len(shapes)} tensors differ, e.g. {shapes[0]}). "
+                            "Reinstall the package, or rerun `make pretrain`.")
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing or result.unexpected_keys:
