@@ -79,7 +79,7 @@ def test_weights_of_another_architecture_or_missing_files_are_a_clear_backbone_e
 
     from safetensors.torch import load_file, save_file
 
-    from workbench.scenes_model import load_scenes_backbone
+    from workbench.backbones import load_scenes_backbone
 
     shutil.copytree(ASSET_DIR, tmp_path / "model")
     state = load_file(str(tmp_path / "model" / WEIGHTS_FILE))

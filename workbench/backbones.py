@@ -403,7 +403,7 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
     import open_clip
 
     if name == SCENES_MODEL:
-        from .scenes_model import RANDOM_TAG, SCENES_TAG, load_scenes_backbone
+        from .scenes_model import RANDOM_TAG, SCENES_TAG
 
         if pretrained in (None, "", SCENES_TAG):   # the shipped weights pretrained by `make pretrain`
             return load_scenes_backbone(device=device, precision=precision)
@@ -528,6 +528,30 @@ def _hub_cache_only(offline: str | None):
     from .data.hub import cache_only
 
     return cache_only()
+
+
+def load_scenes_backbone(device: str = "auto", precision: str = "auto", folder: Path | None = None) -> Backbone:
+    """The shipped ``workbench-tiny-scenes`` weights (or those in ``folder``, e.g. a ``make pretrain``
+    output) as a :class:`Backbone`, offline: the seed's random init, then the shipped tensors."""
+    from .scenes_model import ASSET_DIR, CARD_FILE, META_FILE, RANDOM_TAG, SCENES_TAG, read_shipped
+
+    folder = Path(folder or ASSET_DIR)
+    init_seed = 0
+    meta_file = folder / META_FILE
+    if meta_file.is_file():
+        import json
+
+        init_seed = int(json.loads(meta_file.read_text()).get("init_seed", 0))
+    backbone = load_backbone(SCENES_MODEL, RANDOM_TAG, device=device, precision=precision, seed=init_seed)
+    model = backbone.model
+    meta, state = read_shipped(folder, model.state_dict())
+    model.load_state_dict(state, strict=False)
+    model.to(backbone.device).eval()
+    backbone.pretrained = SCENES_TAG
+    backbone.source = {"kind": "workbench-pretrained", "asset": str(folder), "card": str(folder / CARD_FILE),
+                       "corpus": meta.get("corpus"), "steps": meta.get("steps")}
+    backbone._weights_hash, backbone._text_cache = None, {}
+    return backbone
 
 
 def _offline_error(name: str, pretrained: str | None, reason: str, err: BaseException) -> BackboneError:

@@ -32,8 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .backbones import load_scenes_backbone
 from .scenes_model import (ASSET_DIR, CARD_FILE, META_FILE, RANDOM_TAG, SCENES_MODEL, SCENES_TAG, export_weights,
-                           load_scenes_backbone, used_token_ids)
+                           used_token_ids)
 
 #: the corpus seed of the held-out evaluation scenes (training uses the corpus seed of the run, 0 by default)
 HELDOUT_SEED = 1_000_003
@@ -250,6 +251,11 @@ def model_card(meta: dict) -> str:
               "word is noise to it, and it never saw a photograph, an X-ray or a satellite tile. Use it to see "
               "adaptation work offline on the shifted scene domains; use a real CLIP for any claim about real data.",
               ""]
+    weak = [f"{name} ({a['zero_shot']} % at chance {a['chance']} %)" for name, a in after.items()
+            if a["zero_shot"] < a["chance"] + 15]
+    if weak:
+        lines += ["Learned weakly or not at all (zero-shot less than 15 points above chance): " + "; ".join(weak)
+                  + ". More steps or a larger model are what `python -m workbench.pretrain --help` offers.", ""]
     return "\n".join(lines)
 
 

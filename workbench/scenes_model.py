@@ -4,7 +4,7 @@ The weights are made by :mod:`workbench.pretrain` (``make pretrain``) and shippe
 ``workbench/assets/workbench-tiny-scenes/``: ``weights.safetensors`` (fp16; the token embedding
 only for the token ids the training captions use, the other rows re-created from the recorded
 init seed), ``model.json`` (how they were made) and ``MODEL_CARD.md``. No pickle is read.
-``wb.load_backbone("workbench-tiny-scenes")`` returns them; ``load_backbone("workbench-tiny-scenes",
+:func:`workbench.backbones.load_scenes_backbone` (``wb.load_backbone("workbench-tiny-scenes")``) returns them; ``load_backbone("workbench-tiny-scenes",
 "random-init")`` returns the architecture's random init (the pretraining's starting point).
 """
 from __future__ import annotations
@@ -46,11 +46,12 @@ def export_weights(model: torch.nn.Module, token_ids: torch.Tensor, folder: Path
     return path
 
 
-def load_scenes_backbone(device: str = "auto", precision: str = "auto", folder: Path | None = None):
-    """The shipped ``workbench-tiny-scenes`` weights as a :class:`~workbench.backbones.Backbone` (offline)."""
+def read_shipped(folder: Path | None, reference: dict) -> tuple[dict, dict]:
+    """``(meta, state)`` of the shipped weights in ``folder`` (default: the package's), checked against
+    ``reference`` (the random-init model's state dict): the token embedding is completed from the
+    reference's rows, every tensor cast to the reference's dtype. No pickle is read."""
     from safetensors.torch import load_file
 
-    from .backbones import load_backbone
     from .errors import BackboneError
 
     folder = Path(folder or ASSET_DIR)
@@ -59,14 +60,15 @@ def load_scenes_backbone(device: str = "auto", precision: str = "auto", folder: 
         raise BackboneError(f"{SCENES_MODEL!r}: the shipped weights are missing from {folder} ({WEIGHTS_FILE}, "
                             f"{META_FILE}). Reinstall the package, or run `make pretrain` to make them.")
     meta = json.loads(meta_path.read_text())
-    backbone = load_backbone(SCENES_MODEL, RANDOM_TAG, device=device, precision=precision, seed=meta["init_seed"])
-    state = load_file(str(weights))
-    ids, rows = state.pop("token_embedding.ids"), state.pop("token_embedding.rows")
-    model = backbone.model
-    embedding = model.token_embedding.weight.detach().clone()
+    try:
+        state = load_file(str(weights))
+        ids, rows = state.pop("token_embedding.ids"), state.pop("token_embedding.rows")
+    except Exception as err:   # truncated, foreign or not safetensors at all
+        raise BackboneError(f"{weights}: not the shipped {SCENES_MODEL!r} weights ({type(err).__name__}: {err}). "
+                            "Reinstall the package, or rerun `make pretrain`.") from None
+    embedding = reference["token_embedding.weight"].detach().clone()
     embedding[ids.long()] = rows.to(embedding)
     state["token_embedding.weight"] = embedding
-    reference = model.state_dict()
     state = {k: v.to(reference[k].dtype) for k, v in state.items() if k in reference}
     shapes = [f"{k} {tuple(v.shape)} vs {tuple(reference[k].shape)}" for k, v in state.items()
               if v.shape != reference[k].shape]
@@ -74,14 +76,8 @@ def load_scenes_backbone(device: str = "auto", precision: str = "auto", folder: 
         raise BackboneError(f"{weights}: made for another {SCENES_MODEL!r} architecture than "
                             f"model_configs/{SCENES_MODEL}.json ({len(shapes)} tensors differ, e.g. {shapes[0]}). "
                             "Reinstall the package, or rerun `make pretrain`.")
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
-    if missing or result.unexpected_keys:
-        raise BackboneError(f"{weights}: does not fit {SCENES_MODEL!r} ({len(missing)} missing, e.g. {missing[:3]}; "
-                            f"{len(result.unexpected_keys)} unexpected). Rerun `make pretrain`.")
-    model.to(backbone.device).eval()
-    backbone.pretrained = SCENES_TAG
-    backbone.source = {"kind": "workbench-pretrained", "asset": str(folder), "card": str(folder / CARD_FILE),
-                       "corpus": meta.get("corpus"), "steps": meta.get("steps")}
-    backbone._weights_hash, backbone._text_cache = None, {}
-    return backbone
+    missing = [k for k in reference if k not in state and not k.endswith("position_ids")]
+    if missing:
+        raise BackboneError(f"{weights}: does not fit {SCENES_MODEL!r} ({len(missing)} tensors missing, e.g. "
+                            f"{missing[:3]}). Rerun `make pretrain`.")
+    return meta, state
