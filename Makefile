@@ -36,7 +36,7 @@ test: $(STAMP)
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly --durations=25
 
-# pretrain the offline model workbench-tiny-scenes on the scene corpus (CPU, ~20 min; resumable:
+# pretrain the offline model workbench-tiny-scenes on the scene corpus (CPU, one thread, ~23 min; resumable:
 # rerun to continue from the last finished epoch); writes workbench/assets/workbench-tiny-scenes/
 pretrain: $(STAMP)
 	$(BIN)/python -m workbench.pretrain
