@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test install bench bench-gpu clean
+.PHONY: demo test install bench bench-gpu clean pretrain
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ test: $(STAMP)
 	TQDM_DISABLE=1 OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest tests notebooks -n 2 --dist loadfile \
 		--nbval-lax --nbval-current-env --nbval-cell-timeout=600 \
 		--nbval-sanitize-with tests/nbval_sanitize.cfg -p no:randomly --durations=25
+
+# pretrain the offline model workbench-tiny-scenes on the scene corpus (CPU, one thread, ~23 min; resumable:
+# rerun to continue from the last finished epoch); writes workbench/assets/workbench-tiny-scenes/
+pretrain: $(STAMP)
+	$(BIN)/python -m workbench.pretrain
 
 bench: $(STAMP)
 	$(BIN)/python bench/features.py

@@ -9,9 +9,9 @@ from workbench.errors import BackboneError
 
 
 def test_offline_default_is_reproducible_and_normalised(backbone):
-    again = wb.load_backbone(device="cpu")
+    again = wb.load_backbone("workbench-tiny", device="cpu")
     assert again.weights_hash == backbone.weights_hash
-    assert wb.load_backbone(device="cpu", seed=1).weights_hash != backbone.weights_hash
+    assert wb.load_backbone("workbench-tiny", device="cpu", seed=1).weights_hash != backbone.weights_hash
     assert backbone.provenance_id.startswith("workbench-tiny|random-init|")
     feats = backbone.encode_images(torch.randn(3, 3, 64, 64))
     assert feats.dtype == torch.float32 and torch.allclose(feats.norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -39,14 +39,14 @@ def test_bad_names_and_devices_are_clear_errors():
         with pytest.raises(BackboneError, match="CUDA is not available"):
             wb.load_backbone(device="cuda")
         with pytest.raises(BackboneError, match="needs a GPU"):
-            wb.load_backbone(device="cpu", precision="amp_fp16")
+            wb.load_backbone("workbench-tiny", device="cpu", precision="amp_fp16")
     with pytest.raises(BackboneError, match="not a torch device"):
         bb.resolve_device("gpu0")
 
 
 def test_local_checkpoint_file_in_common_containers(backbone, tmp_path):
     # RemoteCLIP/GeoRSCLIP-style: a plain .pt of another training run, wrapped and prefixed.
-    source = wb.load_backbone(device="cpu", seed=7)
+    source = wb.load_backbone("workbench-tiny", device="cpu", seed=7)
     state = {"module." + k: v for k, v in source.model.state_dict().items()}
     path = tmp_path / "RemoteCLIP-tiny.pt"
     torch.save({"state_dict": state, "epoch": 3}, path)
@@ -62,7 +62,7 @@ def test_local_checkpoint_file_in_common_containers(backbone, tmp_path):
 
 
 def test_hf_file_download_is_used_for_plain_checkpoints(tmp_path, monkeypatch):
-    source = wb.load_backbone(device="cpu", seed=3)
+    source = wb.load_backbone("workbench-tiny", device="cpu", seed=3)
     path = tmp_path / "ckpt.pt"
     torch.save(source.model.state_dict(), path)
     calls = []
@@ -80,7 +80,7 @@ def test_hf_file_download_is_used_for_plain_checkpoints(tmp_path, monkeypatch):
 
 
 def test_local_dir_schema(tmp_path):
-    source = wb.load_backbone(device="cpu", seed=4)
+    source = wb.load_backbone("workbench-tiny", device="cpu", seed=4)
     cfg = json.loads((bb._CONFIG_DIR / "workbench-tiny.json").read_text())
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}))
     torch.save(source.model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
@@ -157,7 +157,7 @@ def test_hf_file_aliases_download_their_file_and_unwrap_it(alias, tmp_path, monk
     import huggingface_hub
 
     name, pretrained = NEW_ALIASES[alias]
-    source = wb.load_backbone(device="cpu", seed=11)
+    source = wb.load_backbone("workbench-tiny", device="cpu", seed=11)
     path = tmp_path / "ckpt.pt"
     # BMC_CLIP_CF.pt layout: an open_clip training checkpoint with "module."-prefixed keys
     torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in source.model.state_dict().items()}}, path)
@@ -174,7 +174,7 @@ def test_hf_file_aliases_download_their_file_and_unwrap_it(alias, tmp_path, monk
 def test_skyclip_alias_downloads_and_unpacks_its_zip_once(tmp_path, monkeypatch):
     import zipfile
 
-    source = wb.load_backbone(device="cpu", seed=12)
+    source = wb.load_backbone("workbench-tiny", device="cpu", seed=12)
     ckpt = tmp_path / "epoch_20.pt"
     torch.save({"epoch": 20, "state_dict": {"module." + k: v for k, v in source.model.state_dict().items()}}, ckpt)
     calls = []

@@ -91,7 +91,7 @@ def _backbone_and_data():
     import workbench as wb
     from workbench.data import synthetic_shapes
 
-    return wb.load_backbone(device="cpu"), synthetic_shapes(4, train_per_class=8, val_per_class=4, test_per_class=2)
+    return wb.load_backbone("workbench-tiny", device="cpu"), synthetic_shapes(4, train_per_class=8, val_per_class=4, test_per_class=2)
 
 
 def _task():

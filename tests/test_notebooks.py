@@ -61,7 +61,7 @@ def test_list_parameters_accept_papermills_plain_forms_and_say_how_to_quote():
     values = check_parameters(dict(defaults, seeds=1, shots="1,4", methods="zero_shot,gda"), "00_quickstart.ipynb")
     assert values["seeds"] == [1] and values["shots"] == [1, 4] and values["methods"] == ["zero_shot", "gda"]
     assert check_parameters(dict(defaults, methods="gda", shots="[2, 8]"), "00_quickstart.ipynb")["shots"] == [2, 8]
-    with pytest.raises(ConfigError, match="should be list\\[int\\].*got 'a,b'.*-p shots '\\[1, 2, 3\\]'.*-y \"shots: "):
+    with pytest.raises(ConfigError, match="should be list\\[int\\].*got 'a,b'.*-p shots '\\[1, 4, 16\\]'.*-y \"shots: "):
         check_parameters(dict(defaults, shots="a,b"), "00_quickstart.ipynb")
     with pytest.raises(ConfigError, match="should be list\\[int\\].*got 1.5"):
         check_parameters(dict(defaults, shots=1.5), "00_quickstart.ipynb")
@@ -115,7 +115,7 @@ def test_papermill_wrong_value_ends_with_the_notebooks_error_and_how_to_quote(tm
     assert proc.returncode != 0
     last = [line for line in proc.stderr.splitlines() if line.strip()][-1]
     assert last.startswith("ConfigError: 00_quickstart.ipynb: parameter 'shots' should be list[int]")
-    assert "-p shots '[1, 2, 3]'" in last and "-y" in last
+    assert "-p shots '[1, 4, 16]'" in last and "-y" in last
 
 
 def test_bring_your_own_data_takes_an_npz_and_chooses_on_validation(tmp_path):
@@ -139,7 +139,7 @@ def test_papermill_runs_with_other_parameters_from_another_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = pd.read_csv(tmp_path / "results" / "results.csv")
     assert sorted(set(table["shots"])) == [1, 2] and set(table["dataset"]) == {"pneumoniamnist_mini"}
-    assert len(table) == 4
+    assert len(table) == 6   # 3 default methods x 2 shots x 1 seed
 
 
 def test_training_free_notebook_records_the_selection_protocol(tmp_path):

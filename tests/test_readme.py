@@ -33,6 +33,7 @@ def test_readme_block_runs_as_written_offline_without_warnings(code, tmp_path, m
         warnings.filterwarnings("default", message=r"choose_on_validation: the K-shot validation scores", category=UserWarning)
         exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
     out = capsys.readouterr().out
-    assert "random" in out and "whu_rs19_mini" in out        # the closing line names backbone and data
+    assert "workbench-tiny-scenes" in out and "whu_rs19_mini" in out   # the closing line names backbone and data
+    assert "never saw images like these" in out                     # ... and says the offline model knows no real images
     assert "prediction_set" in out and "top classes" in out   # predict() reads well
     assert (tmp_path / "outputs" / "my_run" / "results.csv").is_file()

@@ -14,9 +14,17 @@
   name inside the archive);
 * a folder written by :func:`save_backbone` (a backbone fine-tuned on image–text pairs by a
   ``pairs`` method): ``load_backbone("runs/my_adapted_backbone")``;
-* the offline default ``"workbench-tiny"``: a small open_clip architecture registered by this
-  package, randomly initialised with a fixed seed. It needs no network and runs fast on two CPU
-  cores; it **demonstrates the workflow only** (its zero-shot accuracy is chance level).
+* the offline default ``"workbench-tiny-scenes"``: a tiny CLIP (48 px, two 64-wide blocks per
+  tower) that this workbench pretrained itself (:mod:`workbench.pretrain`, ``make pretrain``) on
+  its procedurally generated captioned-scene corpus, shipped with the package (fp16 safetensors,
+  under 1 MB; card: ``workbench/assets/workbench-tiny-scenes/MODEL_CARD.md``). It knows the
+  corpus words (shapes, colours, backgrounds, sizes, textures) and nothing else, so zero-shot is
+  meaningful on the shifted scene domains (``xray_like_scenes``, ``aerial_like_scenes``,
+  ``leaf_like_scenes``) and noise on real images. Its random init stays available as
+  ``load_backbone("workbench-tiny-scenes", "random-init")``;
+* ``"workbench-tiny"``: a smaller architecture, randomly initialised with a fixed seed (zero-shot
+  at chance). It **demonstrates the workflow only**; the tests use it where weights must not
+  matter.
   Switch to a real model with one parameter, e.g. ``backbone="ViT-B-16-quickgelu", pretrained="openai"``.
 
 QuickGELU: open_clip >= 2.29 no longer switches QuickGELU on for OpenAI weights by itself; a
@@ -38,7 +46,12 @@ import torch.nn.functional as F
 
 from .errors import BackboneError
 
-OFFLINE_DEFAULT = "workbench-tiny"
+#: the offline model pretrained by the workbench on its scene corpus (workbench/pretrain.py; shipped weights)
+SCENES_MODEL = "workbench-tiny-scenes"   # = scenes_model.SCENES_MODEL
+#: what ``load_backbone()`` gives with no name: the pretrained offline model (no network needed)
+OFFLINE_DEFAULT = SCENES_MODEL
+#: the random-init tiny architecture (seeded): the workflow without any learned weights
+RANDOM_TINY = "workbench-tiny"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -389,6 +402,15 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
     """Load an open_clip model (see the module docstring for every accepted form)."""
     import open_clip
 
+    if name == SCENES_MODEL:
+        from .scenes_model import RANDOM_TAG, SCENES_TAG
+
+        if pretrained in (None, "", SCENES_TAG):   # the shipped weights pretrained by `make pretrain`
+            return load_scenes_backbone(device=device, precision=precision)
+        if pretrained != RANDOM_TAG:
+            raise BackboneError(f"{SCENES_MODEL!r} has the pretrained tags {SCENES_TAG!r} (the shipped weights, the "
+                                f"default) and {RANDOM_TAG!r} (its random init); got {pretrained!r}.")
+        pretrained = None
     if not pretrained and (Path(os.path.expanduser(name)) / SAVED_BACKBONE_FILE).is_file():
         # a folder written by save_backbone (e.g. contrastive fine-tuning on pairs)
         return _load_saved_backbone(Path(os.path.expanduser(name)), device, precision)
@@ -436,7 +458,7 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
                     warnings.warn(f"{name!r} + {pretrained!r}: these weights were trained with QuickGELU; switching it "
                                   f"on (use '{name}-quickgelu' to silence this).", stacklevel=2)
                     force_quick_gelu = True
-        elif name != OFFLINE_DEFAULT:
+        elif name not in (RANDOM_TINY, SCENES_MODEL):
             warnings.warn(f"backbone {name!r} with no pretrained weights: randomly initialised (seed={seed}).",
                           stacklevel=2)
         kwargs["pretrained"] = None if checkpoint else pretrained
@@ -453,7 +475,7 @@ def load_backbone(name: str = OFFLINE_DEFAULT, pretrained: str | None = None, *,
 
         offline = offline_reason()
     torch.manual_seed(seed)  # random-init towers (the offline default) are reproducible
-    if (name == OFFLINE_DEFAULT and not pretrained) or checkpoint is not None:
+    if (name in (RANDOM_TINY, SCENES_MODEL) and not pretrained) or checkpoint is not None:
         # open_clip's "initialized randomly" warning: intended for the offline default, and for a
         # checkpoint file the weights are loaded right below.
         logging.disable(logging.WARNING)
@@ -508,6 +530,30 @@ def _hub_cache_only(offline: str | None):
     return cache_only()
 
 
+def load_scenes_backbone(device: str = "auto", precision: str = "auto", folder: Path | None = None) -> Backbone:
+    """The shipped ``workbench-tiny-scenes`` weights (or those in ``folder``, e.g. a ``make pretrain``
+    output) as a :class:`Backbone`, offline: the seed's random init, then the shipped tensors."""
+    from .scenes_model import ASSET_DIR, CARD_FILE, META_FILE, RANDOM_TAG, SCENES_TAG, read_shipped
+
+    folder = Path(folder or ASSET_DIR)
+    init_seed = 0
+    meta_file = folder / META_FILE
+    if meta_file.is_file():
+        import json
+
+        init_seed = int(json.loads(meta_file.read_text()).get("init_seed", 0))
+    backbone = load_backbone(SCENES_MODEL, RANDOM_TAG, device=device, precision=precision, seed=init_seed)
+    model = backbone.model
+    meta, state = read_shipped(folder, model.state_dict())
+    model.load_state_dict(state, strict=False)
+    model.to(backbone.device).eval()
+    backbone.pretrained = SCENES_TAG
+    backbone.source = {"kind": "workbench-pretrained", "asset": str(folder), "card": str(folder / CARD_FILE),
+                       "corpus": meta.get("corpus"), "steps": meta.get("steps")}
+    backbone._weights_hash, backbone._text_cache = None, {}
+    return backbone
+
+
 def _offline_error(name: str, pretrained: str | None, reason: str, err: BaseException) -> BackboneError:
     from .data.hub import offline_message
 
@@ -515,7 +561,7 @@ def _offline_error(name: str, pretrained: str | None, reason: str, err: BaseExce
     return BackboneError(offline_message(
         what, reason, "Load it once on a machine with network (same cache_dir), or use local weights: "
         "load_backbone(ARCH, '/path/to/weights.pt'), 'local-dir:/path/to/model' (a folder with "
-        "open_clip_config.json and weights), or the offline default 'workbench-tiny'.", err))
+        "open_clip_config.json and weights), or the offline default 'workbench-tiny-scenes' (shipped).", err))
 
 
 # -- adapted backbones saved as folders (contrastive fine-tuning on pairs) ------------------------

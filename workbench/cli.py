@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1,2,3", type=_ints,
                    help="comma-separated few-shot sampling seeds; results are mean ± std over them "
                         "(default: %(default)s)")
-    p.add_argument("--backbone", default="workbench-tiny",
+    p.add_argument("--backbone", default="workbench-tiny-scenes",
                    help="open_clip architecture, backbone alias or hf-hub:ORG/REPO "
                         "(default: %(default)s, the offline model)")
     p.add_argument("--pretrained", default="", help="pretrained tag or checkpoint path, e.g. openai (default: none)")
@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "with bootstrap intervals; the test split is scored once, afterwards")
     p.add_argument("--dataset", required=True, type=_dataset_argument,
                    help="a dataset name from domains/, or a path (dataset YAML, image folder, CSV, .npz)")
-    p.add_argument("--backbones", default="workbench-tiny", type=_names,
+    p.add_argument("--backbones", default="workbench-tiny-scenes", type=_names,
                    help="comma-separated backbones, each NAME or NAME@PRETRAINED, e.g. ViT-B-16-quickgelu@openai, or "
                         "a saved backbone folder (a pairs fine-tune) (default: %(default)s, the offline model)")
     p.add_argument("--methods", default=None, type=_names,

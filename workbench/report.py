@@ -290,7 +290,8 @@ def what_the_numbers_show(table: pd.DataFrame) -> str:
 
     A backbone without pretrained weights (``pretrained`` empty, e.g. the offline ``workbench-tiny``)
     is random: its numbers show that the workflow runs and how methods fare on random features,
-    not CLIP's accuracy. States the units: results rows hold fractions (0–1); summaries, reports
+    not CLIP's accuracy. The pretrained offline model ``workbench-tiny-scenes`` gets its own line:
+    meaningful on the synthetic scene domains, not on real images. States the units: results rows hold fractions (0–1); summaries, reports
     and plots show percentages.
     """
     pairs = sorted({(str(b), p if isinstance(p, str) else "")
@@ -304,10 +305,23 @@ def what_the_numbers_show(table: pd.DataFrame) -> str:
         n_cls = n_classes_of(rows_)
         data.append(f"{name} ({n_cls} classes" + (f", {n_test} test images)" if n_test else ")"))
     seeds = table["seed"].nunique() if "seed" in table else 0
+    scenes = [b for b, p in pairs if b == "workbench-tiny-scenes" and p not in ("", "random-init")]
     if random_:
         meaning = ("the backbone is random, so these numbers show that the workflow runs and how methods do on random "
                    "features — not CLIP's accuracy on this data; for real numbers pass pretrained weights "
                    "(e.g. backbone='ViT-B-16-quickgelu', pretrained='openai')")
+    elif scenes:
+        card = "its card: workbench/assets/workbench-tiny-scenes/MODEL_CARD.md"
+        if all(str(d).endswith("_scenes") for d in table["dataset"].unique()):
+            meaning = ("workbench-tiny-scenes is the offline model the workbench pretrained itself on synthetic captioned "
+                       f"scenes ({card}): on these shifted scene domains the numbers show what adaptation adds to "
+                       "zero-shot; they say nothing about real images — for real numbers pass real weights (e.g. "
+                       "backbone='ViT-B-16-quickgelu', pretrained='openai')")
+        else:
+            meaning = ("workbench-tiny-scenes was pretrained on synthetic captioned scenes only and never saw images like "
+                       f"these ({card}): its zero-shot here is noise and the numbers show the workflow, not CLIP's "
+                       "accuracy — for real numbers pass real weights (e.g. backbone='ViT-B-16-quickgelu', "
+                       "pretrained='openai')")
     else:
         meaning = (f"test scores of K-shot runs over {seeds} seed(s) (± std over seeds): they estimate this backbone's "
                    "accuracy on this dataset's test split, not on your own images, and with few seeds or test images "

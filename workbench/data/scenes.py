@@ -149,7 +149,7 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
     s = image_size
     base = np.array(BACKGROUNDS[scene.background], dtype=np.float32)
     canvas = base + rng.normal(0, 10, size=(s, s, 3)).astype(np.float32)
-    scale = {"small": 0.11, "large": 0.2}[scene.size] * (0.8 if scene.count == 3 else 1.0)
+    scale = {"small": 0.15, "large": 0.25}[scene.size] * (0.8 if scene.count == 3 else 1.0)
     r = scale * s * rng.uniform(0.9, 1.1)
     colour = np.array(_rgb(scene.colour, rng), dtype=np.float32)
     lighter = np.clip(colour * 0.55 + 255 * 0.45, 0, 255) if scene.colour != "white" else colour * 0.6
@@ -243,7 +243,7 @@ SHIFTED_DOMAINS = {
     "aerial_like": {"classes": ("grass", "water", "sand", "brick"),
                     "templates": ("a photo of objects on a {} background.", "a {} background.")},
     "leaf_like": {"classes": ("red", "orange", "yellow", "white", "black"),
-                  "templates": ("a photo of {} dots on grass.", "many small {} circles.")},
+                  "templates": ("a photo of small {} circles on a grass background.", "many small {} circles.")},
 }
 
 
@@ -251,26 +251,37 @@ def _xray_like(label_name: str, s: int, rng: np.random.Generator) -> Image.Image
     scene = Scene(shape=label_name, colour="white", size=str(rng.choice(SIZES)), texture="plain", count=1,
                   position=str(rng.choice(POSITIONS)), background="dark")
     image = np.asarray(render_scene(scene, s, rng).convert("L"), dtype=np.float32)
-    contrast = rng.uniform(0.25, 0.45)  # faint structures, as in a radiograph
+    contrast = rng.uniform(*XRAY_CONTRAST)  # faint structures, as in a radiograph
     image = image.mean() + contrast * (image - image.mean()) + 60 * rng.uniform(0.6, 1.0)
-    image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(s / 48))
-    image = np.asarray(image, dtype=np.float32) + rng.normal(0, 14, size=(s, s))
+    image = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(s * XRAY_BLUR))
+    image = np.asarray(image, dtype=np.float32) + rng.normal(0, XRAY_NOISE, size=(s, s))
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+XRAY_CONTRAST, XRAY_BLUR, XRAY_NOISE = (0.25, 0.45), 1 / 48, 14.0
 
 
 def _aerial_like(label_name: str, s: int, rng: np.random.Generator) -> Image.Image:
     base = np.array(BACKGROUNDS[label_name], dtype=np.float32) * rng.uniform(0.8, 1.15)
     canvas = base + rng.normal(0, 22, size=(s, s, 3)).astype(np.float32)  # coarse ground texture
-    for _ in range(int(rng.integers(6, 14))):  # buildings, trees, boats: small objects of any colour
-        r = rng.uniform(0.03, 0.06) * s
+    for _ in range(int(rng.integers(14, 28))):  # buildings, trees, boats: small objects of any colour
+        r = rng.uniform(0.03, 0.07) * s
         cx, cy = rng.uniform(r, s - r, size=2)
         mask = np.asarray(_shape_mask(s, str(rng.choice(("square", "circle", "diamond"))), cx, cy, r,
                                       rng.uniform(0, math.pi)), dtype=np.float32)[..., None] / 255.0
         colour = np.array(_rgb(str(rng.choice(list(COLOURS))), rng), dtype=np.float32)
         canvas = canvas * (1 - mask) + colour * mask
+    # another sensor and another season: per-channel gains and haze, so the ground's colour is
+    # only roughly the colour the corpus taught for its name
+    canvas = canvas * rng.uniform(1 - AERIAL_GAIN, 1 + AERIAL_GAIN, size=3).astype(np.float32)
+    haze = rng.uniform(0.0, AERIAL_HAZE)
+    canvas = (1 - haze) * canvas + haze * 170.0
     image = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
     return image.rotate(float(rng.choice((0, 90, 180, 270))) + rng.uniform(-10, 10), resample=Image.BILINEAR,
                         fillcolor=tuple(int(c) for c in base))
+
+
+AERIAL_GAIN, AERIAL_HAZE = 0.6, 0.6
 
 
 def _leaf_like(label_name: str, s: int, rng: np.random.Generator) -> Image.Image:

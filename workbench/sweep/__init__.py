@@ -3,7 +3,7 @@
 ``workbench sweep SPEC.yaml`` or ``workbench.sweep(spec)``::
 
     datasets: [pneumoniamnist_mini, data/my_images/, my_set.csv]   # YAML names, or folder/CSV/.npz/YAML paths
-    backbones: [workbench-tiny]            # aliases, open_clip names, or {name: ..., pretrained: ...}
+    backbones: [workbench-tiny-scenes]     # aliases, open_clip names, or {name: ..., pretrained: ...}
     methods: [zero_shot, linear_probe, {name: tip_adapter, params: {init_alpha: 2.0}}]  # + the YAML's method_presets
     shots: [1, 4, 16]
     seeds: [1, 2, 3]

@@ -26,7 +26,7 @@ class SweepSpec:
     methods: list
     shots: list
     seeds: list
-    backbones: list = field(default_factory=lambda: ["workbench-tiny"])
+    backbones: list = field(default_factory=lambda: ["workbench-tiny-scenes"])
     output_dir: str = "outputs/sweep"
     workers: int = 1
     engine: str = "local"
