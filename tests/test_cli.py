@@ -18,7 +18,7 @@ def test_cli_datasets_run_and_summarize(tmp_path, capsys, monkeypatch, quiet):
     assert len(pd.read_csv(tmp_path / "rel" / "results.csv")) == 2
     assert f"results: {tmp_path / 'rel' / 'results.csv'}" in out
     # the summary is on the dataset's primary metric (its YAML says balanced_accuracy), named in the header
-    assert "pneumoniamnist_mini — balanced accuracy (%)" in out and "workbench-tiny · 1 seed" in out
+    assert "pneumoniamnist_mini — balanced accuracy (%)" in out and "workbench-tiny-scenes (scenes-v1) · 1 seed" in out
     assert main(["summarize", "rel/results.csv"]) == 0
     out = capsys.readouterr().out
     assert "linear_probe" in out and "balanced accuracy (%)" in out

@@ -102,7 +102,8 @@ def test_compare_and_sweep_share_keys_and_the_dataset_metric(backbone, tmp_path,
     table = wb.compare(ds, backbone, ["zero_shot"], [1], [1, 2], out_dir=out,
                        cache=wb.FeatureCache(backbone, out / "features", show_progress=False))
     assert (table["metric"] == "balanced_accuracy").all()  # pneumoniamnist_mini.yaml: metric: balanced_accuracy
-    spec = {"datasets": [MINI], "methods": ["zero_shot"], "shots": [1], "seeds": [1, 2], "output_dir": str(out)}
+    spec = {"datasets": [MINI], "backbones": ["workbench-tiny"], "methods": ["zero_shot"], "shots": [1], "seeds": [1, 2],
+            "output_dir": str(out)}
     assert [c["cell_id"] for c in cells(SweepSpec(**spec))] == list(table["cell_id"])
     again = sweep(spec, show_progress=False)  # the compare's rows count as the sweep's finished cells
     assert (again.done, again.skipped, again.pool_encoded) == (0, 2, 0)
@@ -245,7 +246,8 @@ def test_failures_csv_on_a_full_disk_warns_and_the_sweep_goes_on(tmp_path, share
 
 def test_a_row_cut_short_is_dropped_reported_and_recomputed(tmp_path, shared_features, quiet):
     out = out_dir(tmp_path, shared_features)
-    spec = {"datasets": [MINI], "methods": ["zero_shot"], "shots": [1], "seeds": [1, 2], "output_dir": str(out)}
+    spec = {"datasets": [MINI], "backbones": ["workbench-tiny"], "methods": ["zero_shot"], "shots": [1], "seeds": [1, 2],
+            "output_dir": str(out)}
     first = sweep(spec, show_progress=False)
     csv = out / "results.csv"
     text = csv.read_text()
