@@ -160,3 +160,17 @@ def test_the_closing_line_says_what_the_scenes_model_can_show_on_scene_domains_a
     assert "MODEL_CARD.md" in line and "nothing about real images" in line
     real = wb.report.what_the_numbers_show(rows.assign(dataset="whu_rs19_mini"))
     assert "never saw images like these" in real and "what adaptation adds" not in real
+
+
+def test_the_shipped_files_are_package_data_so_a_wheel_carries_them():
+    import fnmatch
+    import tomllib
+
+    root = ASSET_DIR.parents[2]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["workbench"]
+    package = ASSET_DIR.parents[1]
+    files = [p.relative_to(package).as_posix() for p in ASSET_DIR.iterdir()]
+    files.append(f"model_configs/{SCENES_MODEL}.json")
+    assert {WEIGHTS_FILE, META_FILE} <= {p.name for p in ASSET_DIR.iterdir()}
+    for f in files:   # setuptools' "*" does not cross "/": each file needs a glob of its own depth
+        assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), (f, globs)
