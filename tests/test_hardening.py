@@ -295,6 +295,20 @@ def test_python_tags_and_syntax_errors_name_file_and_line(tmp_path):
         safe_yaml.load_yaml(spec, what="sweep spec")
 
 
+def test_pair_dataset_yamls_go_through_the_safe_reader(tmp_path):
+    from workbench.data.pairs import load_pair_spec
+
+    spec = tmp_path / "pairs.yaml"
+    spec.write_text("name: x\nsource: !!python/object/apply:os.getcwd []\n")
+    with pytest.raises(ConfigError, match=r"pair-dataset YAML .*pairs\.yaml, line 2.*refused, for safety"):
+        load_pair_spec(spec)
+    spec.write_text("a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+        for p, c in zip("abcdefg", "bcdefgh")))   # 10^8 values by aliases
+    with pytest.raises(ConfigError, match=r"pairs\.yaml"):
+        load_pair_spec(spec)
+
+
 def test_a_sweep_like_spec_loads_as_plain_data(tmp_path):
     spec = tmp_path / "sweep.yaml"
     spec.write_text("datasets: [whu_rs19_mini, data/my_images/]\n"

@@ -468,13 +468,12 @@ def offline_pairs(root=None, *, captions_per_image: int = 5, val_fraction: float
     readable class name (from ``domains/remote_sensing/whu_rs19_mini.yaml``), its brightness word
     and a size word drawn with a fixed seed. See :data:`OFFLINE_CARD`.
     """
-    import yaml
-
     from ..paths import repo_root
+    from ..safe_yaml import load_yaml
     from .images import open_rgb
 
     root = Path(root) if root else repo_root() / "data" / "whu_rs19_mini"
-    spec = yaml.safe_load((repo_root() / "domains" / "remote_sensing" / "whu_rs19_mini.yaml").read_text())
+    spec = load_yaml(repo_root() / "domains" / "remote_sensing" / "whu_rs19_mini.yaml", "dataset YAML")
     names = {str(k): str(v) for k, v in spec["classes"].items()}
     if not 1 <= captions_per_image <= len(OFFLINE_TEMPLATES):
         raise ConfigError(f"offline_pairs: captions_per_image must be 1..{len(OFFLINE_TEMPLATES)}, "
@@ -549,7 +548,7 @@ def validate_pair_spec(spec, file: str) -> dict:
 
 
 def load_pair_spec(name_or_path) -> dict:
-    import yaml
+    from ..safe_yaml import load_yaml
 
     p = Path(str(name_or_path))
     if p.suffix not in (".yaml", ".yml"):
@@ -565,7 +564,7 @@ def load_pair_spec(name_or_path) -> dict:
         p = repo_root() / p   # a notebook's kernel runs in notebooks/: paths from the repository root too
     if not p.is_file():
         raise ConfigError(f"pair-dataset YAML {str(name_or_path)!r} does not exist.")
-    spec = validate_pair_spec(yaml.safe_load(p.read_text()), str(p))
+    spec = validate_pair_spec(load_yaml(p, "pair-dataset YAML"), str(p))   # size/alias caps, no python tags
     spec["_file"] = str(p)
     return spec
 
