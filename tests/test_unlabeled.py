@@ -437,3 +437,15 @@ def test_transclip_fs_method_uses_the_shots_and_chooses_gamma_on_validation():
     assert m.fit_info["last_batch"]["gamma"] == ref["gamma"] and ref["val_accuracy"] >= 0
     zs = float(((x @ text.T).argmax(-1) == y).double().mean())
     assert float((z.argmax(-1) == y).double().mean()) > zs + 0.05
+
+
+def test_transclip_solver_stays_finite_when_a_class_gets_no_image():
+    # every zero-shot prediction says class 0 with certainty: class 1's mass underflows to 0 in
+    # float32 (the reference divides 0/0 there); the solver keeps finite assignments and statistics
+    from workbench.methods.features.transclip import transclip_solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(40, 16, generator=g) * 0.01 + torch.ones(16), dim=-1)
+    log_yhat = torch.tensor([[0.0, -1e4]]).repeat(40, 1)
+    out = transclip_solve(x, log_yhat)
+    assert torch.isfinite(out["z"]).all() and torch.isfinite(out["mu"]).all() and (out["std"] > 0).all()

@@ -51,7 +51,10 @@ keeps only the first template; the default run has one template); (3) TransCLIP-
 stacks the graph rows as [shots; pool] but the assignments as [pool; shots] (``update_z``), which pairs
 each row with the wrong image's z; here rows and assignments are in the same order, which is the
 paper's Eq. — the few-shot numbers can therefore differ from the reference's; (4) the logits returned
-are ``log z`` (z itself is the prediction, its softmax is z).
+are ``log z`` (z itself is the prediction, its softmax is z); (5) in the μ/Σ-updates a class whose
+mass underflows to 0 keeps a zero mean instead of 0/0, and the variance (computed in expanded form)
+is floored at a float32 epsilon of the largest second moment: these change nothing where the
+reference gives finite numbers, and turn its NaN (seen on pneumoniamnist_mini at K = 1) into a result.
 
 Speed: the k-NN graph is built in row chunks, then ``W + Wᵀ`` is one sparse matrix (the shots' edges
 into the pool, constant, are added once); the mixture terms are matrix products (``f²·σ⁻¹ − 2 f·(μ/σ)ᵀ + ...``) instead of the reference's ``[N, K, d]``
@@ -124,10 +127,14 @@ def update_mu_sigma(x, z, support=None, labels_1h=None, gamma: float = 0.0):
         ws = labels_1h * (gamma * 50.0 / support.shape[0])
         s_sums, s_mass, s_sq = _weighted_stats(support, ws)
         sums, mass, sq = sums + s_sums, mass + s_mass, sq + s_sq
-    mu = F.normalize(sums / mass[:, None], dim=-1)
+    # Guards where the reference would give NaN and nothing else: a class no image is assigned to
+    # (its mass underflows to 0 in float32) keeps a zero sum instead of 0/0, and the expanded
+    # variance, which cancels catastrophically in float32 on tight clusters, is kept positive.
+    tiny = torch.finfo(x.dtype).tiny
+    mu = F.normalize(sums / mass.clamp_min(tiny)[:, None], dim=-1)
     # Σ_{i,k} w_ik (x_i − μ_k)² = Σ_i (Σ_k w_ik) x_i² − 2 Σ_k μ_k ⊙ (Σ_i w_ik x_i) + Σ_k (Σ_i w_ik) μ_k²
     std = (sq - 2.0 * (mu * sums).sum(0) + (mass[:, None] * mu * mu).sum(0)) / mass.sum()
-    return mu, std
+    return mu, std.clamp_min(torch.finfo(x.dtype).eps * float(sq.max()) + tiny)
 
 
 def init_mu_zero_shot(x: torch.Tensor, z: torch.Tensor, n_most_confident: int = 8) -> torch.Tensor:
