@@ -3,6 +3,8 @@ the base model, the result is a backbone (saved, loaded, used by a classificatio
 val mean recall, and the same trainer pretrains the tiny model from random init."""
 import copy
 
+import pandas as pd
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,3 +158,22 @@ def test_a_pairs_run_checkpoints_and_resumes_through_the_one_loop(backbone, smal
     again = fine_tune_pairs(corpus, backbone, "pairs_svd", **params)
     assert again.fit_info["resumed_from_epoch"] == 1 and again.fit_info["steps"] == 2
     assert again.backbone_.weights_hash == first.backbone_.weights_hash
+
+
+def test_fine_tuning_again_into_the_same_folder_never_reuses_the_old_rows(backbone, small, shapes, tmp_path):
+    from workbench.methods.pairs.contrastive import fine_tune_pairs
+    from workbench.results import backbone_weights_key
+
+    folder = tmp_path / "ft"
+    fine_tune_pairs(small, backbone, "pairs_lora", steps=1, batch_size=8, lr=1e-2, seed=0).save(folder)
+    first = wb.compare(shapes, wb.load_backbone(str(folder), device="cpu"), ["zero_shot"], [1], [1],
+                       out_dir=tmp_path / "runs")
+    key = backbone_weights_key(str(folder))
+    assert key and key == backbone_weights_key(wb.load_backbone(str(folder), device="cpu"))
+    assert backbone_weights_key(backbone) is None and backbone_weights_key("workbench-tiny") is None
+    fine_tune_pairs(small, backbone, "pairs_lora", steps=3, batch_size=8, lr=1e-2, seed=1).save(folder)
+    assert backbone_weights_key(str(folder)) != key
+    again = wb.compare(shapes, wb.load_backbone(str(folder), device="cpu"), ["zero_shot"], [1], [1],
+                       out_dir=tmp_path / "runs")                          # resume=True: a new key, a new run
+    assert list(again["cell_id"]) != list(first["cell_id"])
+    assert len(pd.read_csv(tmp_path / "runs" / "results.csv")) == 2

@@ -95,8 +95,9 @@ def test_cli_retrieve_scores_the_base_and_the_fine_tuned_backbone_in_one_table(p
                  "--out", "adapted"]) == 0
     assert main(["retrieve", *common, "--backbone", "adapted", "--out", "r"]) == 0
     again = pd.read_csv(pair_csv.parent / "r" / "results.csv", keep_default_na=False)
-    assert len(again) == 2 and again["run_id"].iloc[1] != table["run_id"].iloc[1]
-    assert again["mean_recall"].iloc[1] == table["mean_recall"].iloc[0]   # alpha 0 scores as the base
+    # new weights in the same folder: a new key (their fingerprint), so a new row beside the old one's
+    assert len(again) == 3 and again["cell_id"].iloc[2] != table["cell_id"].iloc[1]
+    assert again["mean_recall"].iloc[2] == table["mean_recall"].iloc[0]   # alpha 0 scores as the base
 
 
 def test_cli_pairs_commands_give_clear_errors(pair_csv, capsys, monkeypatch):

@@ -566,7 +566,7 @@ def _offline_error(name: str, pretrained: str | None, reason: str, err: BaseExce
 
 # -- adapted backbones saved as folders (contrastive fine-tuning on pairs) ------------------------
 
-SAVED_BACKBONE_FILE = "backbone.json"
+from .paths import SAVED_BACKBONE_FILE  # noqa: E402  (one name for the marker file, also read by run keys)
 
 
 def save_backbone(backbone: Backbone, folder, info: dict | None = None) -> Path:

@@ -290,7 +290,7 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
     """
     from .errors import Interrupted
     from .protocols import EVAL_CLASSES, check_protocol
-    from .results import ResultsTable, make_cell
+    from .results import ResultsTable, backbone_weights_key, make_cell
 
     check_protocol(protocol)
     if protocol == "retrieval" or getattr(dataset, "task", None) == "retrieval":   # image–text pairs
@@ -361,12 +361,15 @@ def compare(dataset: Dataset, backbone, methods: Sequence[str], shots: Sequence[
         split_classes(dataset)   # fewer than 4 classes: refused now
     results = ResultsTable(out_dir) if out_dir is not None else None  # unwritable folder: refused now
 
+    weights_key = backbone_weights_key(backbone)   # a saved (fine-tuned) folder: its weights, not just its path
+
     def cell(m, k, s, **extra):
         uses = method_class(m).uses_unlabeled and per_method.get(m) is not None   # inductive runs keep their keys
         return make_cell(dataset.name, backbone.name, backbone.pretrained, m, k, s,
                          params=(method_params or {}).get(m), templates=templates, protocol=protocol,
                          extra={**extra, "language": language or None,
-                                "unlabeled": str(per_method[m]) if uses else None})
+                                "unlabeled": str(per_method[m]) if uses else None,
+                                "backbone_weights": weights_key})
 
     if protocol == "cross_dataset":
         grid = [cell(m, k, s, eval_dataset=t.name, eval_classes=eval_classes, class_map=(class_map or {}).get(t.name))

@@ -106,3 +106,27 @@ def check_inside(path: str | os.PathLike, root: str | os.PathLike, what: str = "
         raise ConfigError(f"{what} {str(path)!r} lies outside {str(root)!r}; the workbench writes and reads only "
                           "inside the folder it was given.")
     return p
+
+
+#: the file that marks a folder written by ``workbench.backbones.save_backbone``
+SAVED_BACKBONE_FILE = "backbone.json"
+
+
+def saved_weights_fingerprint(folder) -> str | None:
+    """The first 16 hex digits of the sha256 of a saved backbone folder's weights, from its manifest
+    (``backbone.json``); None when ``folder`` is not such a folder or its manifest has no checksum.
+
+    Run keys include it, so that a backbone fine-tuned again into the same folder never reuses the
+    rows of the weights it replaced (read only: the folder's files are checked when it is loaded).
+    """
+    import json
+
+    try:
+        path = Path(os.path.expanduser(str(folder))) / SAVED_BACKBONE_FILE
+        if not path.is_file() or path.stat().st_size > 1_000_000:
+            return None
+        meta = json.loads(path.read_text())
+        sha = ((meta.get("files") or {}).get("open_clip_model.safetensors") or {}).get("sha256")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None
+    return str(sha)[:16] if sha else None

@@ -44,6 +44,18 @@ def cell_id(cell: dict) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def backbone_weights_key(backbone) -> str | None:
+    """What run keys add for a saved backbone folder (a ``Backbone`` loaded from one, or its path in a
+    sweep spec): its weights' fingerprint, so that refitting into the same folder makes new keys.
+    None for every other backbone (their keys are unchanged)."""
+    from .paths import saved_weights_fingerprint
+
+    source = getattr(backbone, "source", None)
+    if source is not None:
+        return saved_weights_fingerprint(source["folder"]) if source.get("kind") == "saved-backbone" else None
+    return saved_weights_fingerprint(backbone) if isinstance(backbone, str) else None
+
+
 def make_cell(dataset: str, backbone: str, pretrained: str | None, method: str, shots: int, seed: int, *,
               label: str | None = None, params: dict | None = None, templates=None, runner: str = "function",
               protocol: str = "default", extra: dict | None = None) -> dict:

@@ -92,7 +92,7 @@ def compare_retrieval(pairs, backbone, methods: Sequence[str], seeds: Sequence[i
     import pandas as pd
 
     from .features import FeatureCache
-    from .results import ResultsTable, make_cell
+    from .results import ResultsTable, backbone_weights_key, make_cell
 
     check_retrieval_methods(pairs, methods)
     unknown = sorted(set(method_params or {}) - set(methods))
@@ -106,7 +106,7 @@ def compare_retrieval(pairs, backbone, methods: Sequence[str], seeds: Sequence[i
         params = dict((method_params or {}).get(m) or {})
         for seed in seeds:
             cell = make_cell(pairs.name, backbone.name, backbone.pretrained, m, 0, int(seed), params=params,
-                             protocol="retrieval")
+                             protocol="retrieval", extra={"backbone_weights": backbone_weights_key(backbone)})
             if cell["cell_id"] in done:
                 rows.append(done[cell["cell_id"]])
                 continue

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..safe_yaml import load_yaml
 from ..errors import ConfigError, did_you_mean
 from ..paths import repo_root, resolve
-from ..results import make_cell
+from ..results import backbone_weights_key, make_cell
 from .devices import _check_devices_syntax
 
 SPEC_KEYS = {"datasets", "backbones", "methods", "shots", "seeds", "output_dir", "workers", "engine", "dask_address",
@@ -304,5 +304,6 @@ def cells(spec: SweepSpec) -> list[dict]:
                         out.append(make_cell(d, b["name"], b.get("pretrained"), m["name"], k, s, label=m.get("label"),
                                              params=m.get("params"), templates=spec.templates, runner=spec.runner,
                                              protocol="retrieval" if retrieval else spec.protocol,
-                                             extra={"unlabeled": None if retrieval else spec.unlabeled_for(m["name"])}))
+                                             extra={"unlabeled": None if retrieval else spec.unlabeled_for(m["name"]),
+                                                    "backbone_weights": backbone_weights_key(b["name"])}))
     return out
