@@ -206,3 +206,15 @@ def test_every_code_cell_fits_the_hooks_25_line_limit(path):
     for i, cell in enumerate(nb["cells"]):
         if cell["cell_type"] == "code":
             assert len("".join(cell["source"]).splitlines()) <= 25, f"{path.name} cell {i}"
+
+
+def test_a_notebook_annotation_is_parsed_never_executed(tmp_path):
+    from workbench.notebook import _type_ok
+
+    marker = tmp_path / "ran"
+    assert _type_ok([1, 2], "list[int]") and not _type_ok(["a"], "list[int]")
+    assert _type_ok(0.5, "Union[float, str]") and _type_ok("val", "float | str") and not _type_ok([1], "float | str")
+    assert _type_ok(None, "Optional[int]") and _type_ok({"a": 1}, "dict")
+    # a crafted annotation in someone else's notebook is not run: no type check, and no side effect
+    assert _type_ok(1, f"__import__('pathlib').Path({str(marker)!r}).touch()")
+    assert not marker.exists()

@@ -46,13 +46,34 @@ def declared_parameters(notebook: str | Path) -> dict[str, dict]:
     return params
 
 
+_TYPE_NAMES = {"list": list, "dict": dict, "tuple": tuple, "str": str, "int": int, "float": float, "bool": bool,
+               "None": None, "Optional": typing.Optional, "Union": typing.Union, "Any": typing.Any}
+
+
+def _annotation(node):
+    """A parameter annotation from its syntax tree, built from :data:`_TYPE_NAMES` only: names,
+    ``X[...]``, ``X | Y`` and ``typing.X``. Nothing in a notebook file is executed."""
+    if isinstance(node, ast.Name) and node.id in _TYPE_NAMES:
+        return _TYPE_NAMES[node.id]
+    if isinstance(node, ast.Constant) and node.value is None:
+        return None
+    if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "typing"
+            and node.attr in _TYPE_NAMES):
+        return _TYPE_NAMES[node.attr]
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return typing.Union[_annotation(node.left), _annotation(node.right)]
+    if isinstance(node, ast.Subscript):
+        base = _annotation(node.value)
+        args = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        return base[tuple(_annotation(a) for a in args)] if len(args) > 1 else base[_annotation(args[0])]
+    raise ValueError(f"unsupported annotation {ast.unparse(node)!r}")
+
+
 def _type_ok(value: Any, annotation: str) -> bool:
-    ns = {"list": list, "dict": dict, "tuple": tuple, "str": str, "int": int, "float": float, "bool": bool,
-          "None": None, "typing": typing, "Optional": typing.Optional, "Union": typing.Union}
     try:
-        ann = eval(annotation, ns)  # annotations are simple literal types written by us
-    except Exception:
-        return True
+        ann = _annotation(ast.parse(annotation, mode="eval").body)
+    except (SyntaxError, ValueError, TypeError):
+        return True   # an annotation this checker does not model: no type check, as before
     return _matches(value, ann)
 
 
