@@ -196,6 +196,21 @@ def resolve_class_names(class_ids: Sequence[str], class_names, where: str) -> li
     return names
 
 
+def finish_splits(name: str, splits: dict, test_fraction: float, split_seed: int, notes: list[str], *,
+                  holdout=None, how: str = "per class") -> dict:
+    """Refuse a source without training images; without a test split, hold ``test_fraction`` of the
+    training images out as ``test`` (``holdout``: :func:`stratified_holdout` by default; multi-label
+    sets pass a plain random one) and say so in ``notes``."""
+    if not splits.get("train"):
+        raise DataError(f"dataset {name!r}: no 'train' split with images (splits found: {sorted(splits)}).")
+    if "test" not in splits:
+        rest, held = (holdout or stratified_holdout)(splits["train"], test_fraction, split_seed)
+        splits = dict(splits, train=rest, test=held)
+        notes.append(f"no test split in the source: held out {len(held)} images "
+                     f"({test_fraction:.0%} {how}, split_seed={split_seed}) as 'test'")
+    return splits
+
+
 def stratified_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Split samples per class into (rest, held_out) with ``fraction`` of each class held out.
 

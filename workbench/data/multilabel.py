@@ -46,7 +46,8 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
 from .csvfile import read_csv, require_columns
-from .dataset import Dataset, Reader, Sample, probe_image, resolve_class_names, validate_class_names
+from .dataset import (Dataset, Reader, Sample, finish_splits, probe_image, resolve_class_names,
+                      validate_class_names)
 
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 #: cell spellings accepted in a one-column-per-finding CSV
@@ -148,17 +149,6 @@ def random_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[l
     n_held = min(max(int(round(len(order) * fraction)), 1), len(order) - 1)
     key = lambda s: s.id  # noqa: E731
     return sorted(order[n_held:], key=key), sorted(order[:n_held], key=key)
-
-
-def _finish(name, splits, test_fraction, split_seed, notes):
-    if "train" not in splits or not splits["train"]:
-        raise DataError(f"dataset {name!r}: no training images (splits found: {sorted(splits)}).")
-    if "test" not in splits:
-        rest, held = random_holdout(splits["train"], test_fraction, split_seed)
-        splits = dict(splits, train=rest, test=held)
-        notes.append(f"no test split in the source: held out {len(held)} images at random "
-                     f"({test_fraction:.0%}, split_seed={split_seed}) as 'test'")
-    return splits
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -276,7 +266,7 @@ def from_csv_multilabel(path, *, name: str | None = None, path_column: str = "pa
         warnings.warn(f"dataset {name!r}: skipped {len(skipped)} unreadable or missing image(s), e.g. "
                       f"{skipped[0]['id']} ({skipped[0]['reason']}); see dataset.skipped.", stacklevel=2)
     notes: list[str] = [f"uncertain policy: {uncertain}"] if not list_mode else []
-    splits = _finish(name, splits, test_fraction, split_seed, notes)
+    splits = finish_splits(name, splits, test_fraction, split_seed, notes, holdout=random_holdout, how="at random")
     source = {"kind": "csv", "path": str(path), "root": str(root), "task": "multi_label",
               "uncertain": uncertain if not list_mode else None, "label_separator": label_separator}
     return MultiLabelDataset(name=name, class_ids=class_ids, class_names=readable, splits=splits,
@@ -320,7 +310,8 @@ def from_npz_multilabel(path, *, class_names: Sequence[str], name: str | None = 
         splits[split] = [MultiLabelSample(f"{split}/{i}", -1, (split, i), tuple(int(v) for v in lab[i]))
                          for i in range(len(imgs))]
     notes: list[str] = []
-    splits = _finish(name or path.stem, splits, test_fraction, split_seed, notes)
+    splits = finish_splits(name or path.stem, splits, test_fraction, split_seed, notes, holdout=random_holdout,
+                           how="at random")
     return MultiLabelDataset(name=name or path.stem, class_ids=class_ids,
                              class_names=resolve_class_names(class_ids, list(class_names), str(path)),
                              splits=splits, reader=ArrayReader(images), notes=notes,
@@ -365,7 +356,7 @@ def from_hub_tables_multilabel(tables, *, reader, where: str, label_column: str,
             samples.append(MultiLabelSample(f"{split}/{i}", -1, (split, i), tuple(t)))
         splits[split] = samples
     notes: list[str] = []
-    splits = _finish(name, splits, test_fraction, split_seed, notes)
+    splits = finish_splits(name, splits, test_fraction, split_seed, notes, holdout=random_holdout, how="at random")
     return MultiLabelDataset(name=name, class_ids=class_ids,
                              class_names=resolve_class_names(class_ids, class_names, where=where), splits=splits,
                              reader=reader, source=source, notes=notes, groups=groups, **meta)

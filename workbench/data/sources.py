@@ -17,24 +17,12 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, did_you_mean
 from .csvfile import read_csv, require_columns
-from .dataset import (ArrayReader, Dataset, Reader, Sample, check_bad_fraction, probe_image, readable_name,
-                      resolve_class_names, stratified_holdout)
+from .dataset import (ArrayReader, Dataset, Reader, Sample, check_bad_fraction, finish_splits, probe_image,
+                      readable_name, resolve_class_names)
 from .hub import cache_only, offline_message, offline_reason
 from .images import array_to_image, effective_pixel_limit, open_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
-
-
-def _finish_splits(name: str, splits: dict[str, list[Sample]], test_fraction: float, split_seed: int,
-                   notes: list[str]) -> dict[str, list[Sample]]:
-    if "train" not in splits:
-        raise DataError(f"dataset {name!r}: no 'train' split (splits found: {sorted(splits)}).")
-    if "test" not in splits:
-        rest, held = stratified_holdout(splits["train"], test_fraction, split_seed)
-        splits = dict(splits, train=rest, test=held)
-        notes.append(f"no test split in the source: held out {len(held)} images "
-                     f"({test_fraction:.0%} per class, split_seed={split_seed}) as 'test'")
-    return splits
 
 
 # -- checks shared by the file sources ---------------------------------------------------------
@@ -207,7 +195,7 @@ def from_folder(root, *, name: str | None = None, class_names=None, layout: str 
     if skipped:
         warnings.warn(f"dataset {name!r}: skipped {len(skipped)} unreadable image(s), e.g. "
                       f"{skipped[0]['id']} ({skipped[0]['reason']}); see dataset.skipped.", stacklevel=2)
-    splits = _finish_splits(name, splits, test_fraction, split_seed, notes)
+    splits = finish_splits(name, splits, test_fraction, split_seed, notes)
     _refuse_same_file_in_two_splits(splits, f"image folder {str(root)!r}")
     source = {"kind": "folder", "root": str(root), "layout": used_layout, "test_fraction": test_fraction,
               "split_seed": split_seed}
@@ -349,7 +337,7 @@ def from_csv(path, *, name: str | None = None, path_column: str = "path", label_
             raise DataError(f"CSV {str(path)!r}: class {cid!r} has no readable images in the training split. "
                             "Add rows, fix the files, or leave the class out of `classes`.")
     notes: list[str] = []
-    splits = _finish_splits(name, splits, test_fraction, split_seed, notes)
+    splits = finish_splits(name, splits, test_fraction, split_seed, notes)
     _refuse_same_file_in_two_splits(splits, f"CSV {str(path)!r}")
     source = {"kind": "csv", "path": str(path), "root": str(root), "data_root": data_root}
     if max_image_pixels is not None:
@@ -430,7 +418,7 @@ def from_arrays(images: Mapping[str, np.ndarray], labels: Mapping[str, np.ndarra
     if default_names:
         notes.append(f"no class_names given: classes named {class_names[:3]}{'…' if len(class_names) > 3 else ''}; "
                      "pass class_names for prompts that mean something")
-    splits = _finish_splits(name, splits, test_fraction, split_seed, notes)
+    splits = finish_splits(name, splits, test_fraction, split_seed, notes)
     return Dataset(name=name, class_ids=class_ids, class_names=list(class_names), splits=splits,
                    reader=ArrayReader(arrays), source=meta.pop("source", {"kind": "arrays"}), notes=notes, **meta)
 
@@ -616,7 +604,7 @@ def from_hub(repo_id, *, image_column: str = "image", label_column: str | Sequen
         labs = [int(v) for v in raw] if to_index is None else [to_index[str(v)] for v in raw]
         samples[split] = [Sample(f"{split}/{i}", lab, (split, i)) for i, lab in enumerate(labs)]
     notes: list[str] = []
-    samples = _finish_splits(name or repo_id, samples, test_fraction, split_seed, notes)
+    samples = finish_splits(name or repo_id, samples, test_fraction, split_seed, notes)
     return Dataset(name=name or repo_id.rstrip("/").split("/")[-1], class_ids=class_ids, class_names=readable,
                    splits=samples, reader=HubReader(tables, image_column),
                    source={"kind": "hub", "repo_id": repo_id, "config": config, "revision": revision,
