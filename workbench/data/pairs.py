@@ -371,24 +371,13 @@ class HubPairReader(Reader):
 
 
 def _load_hub(repo_id: str, config, revision, cache_dir):
-    """The network boundary of :func:`pairs_from_hub` (``datasets.load_dataset``)."""
-    import contextlib
+    """The network boundary of :func:`pairs_from_hub`: the classification sources' Hub loader, with the
+    offline advice for pairs."""
+    from .sources import _load_hub as load_hub
 
-    import datasets as hfds
-
-    from .hub import cache_only, offline_message, offline_reason
-
-    offline = None if Path(repo_id).expanduser().exists() else offline_reason()
-    try:
-        with (cache_only() if offline else contextlib.nullcontext()):
-            return hfds.load_dataset(repo_id, config, revision=revision, cache_dir=cache_dir)
-    except Exception as err:
-        if offline:
-            raise DataError(offline_message(f"Hub dataset {repo_id!r}", offline,
-                                            "Load it once with network (same cache_dir), or bring the pairs as "
-                                            "a CSV (pairs_from_csv).", err)) from None
-        raise DataError(f"could not load Hub dataset {repo_id!r}: {type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:300]}") from None
+    return load_hub(repo_id, config, None, revision, cache_dir,
+                    offline_fix="Load it once with network (same cache_dir), or bring the pairs as a CSV "
+                                "(pairs_from_csv).")
 
 
 def pairs_from_hub(repo_id: str, *, image_column: str = "image", caption_column: str = "caption",

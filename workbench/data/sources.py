@@ -474,8 +474,9 @@ class HubReader(Reader):
         return open_rgb(self.tables[split][int(i)][self.image_column])
 
 
-def _load_hub(repo_id: str, config, data_files, revision, cache_dir):
-    """``datasets.load_dataset`` of a Hub id or local copy, with the offline and script errors said plainly."""
+def _load_hub(repo_id: str, config, data_files, revision, cache_dir, offline_fix: str | None = None):
+    """``datasets.load_dataset`` of a Hub id or local copy, with the offline and script errors said plainly
+    (``offline_fix``: what to do offline instead, when the caller has a better answer than images)."""
     import datasets as hfds
 
     # Offline (flag or no connection): read the cache only instead of retrying for a minute.
@@ -486,7 +487,7 @@ def _load_hub(repo_id: str, config, data_files, revision, cache_dir):
     except Exception as err:  # network, missing repo, script-based repo: say which and what to do
         if offline:
             raise DataError(offline_message(
-                f"Hub dataset {repo_id!r}", offline,
+                f"Hub dataset {repo_id!r}", offline, offline_fix or
                 "Load it once on a machine with network (same cache_dir), or bring the images as a local "
                 "folder / CSV / .npz (wb.load_dataset('path/to/data')), or pass a local copy of the repository "
                 "as repo_id.", err)) from None
