@@ -174,3 +174,17 @@ def test_the_shipped_files_are_package_data_so_a_wheel_carries_them():
     assert {WEIGHTS_FILE, META_FILE} <= {p.name for p in ASSET_DIR.iterdir()}
     for f in files:   # setuptools' "*" does not cross "/": each file needs a glob of its own depth
         assert any(fnmatch.fnmatch(f, g) and f.count("/") == g.count("/") for g in globs), (f, globs)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--n-scenes", "10", "--batch-size", "64"], "--n-scenes (10) must be at least --batch-size (64)"),
+    (["--evaluate-only", "--out", "/nonexistent/folder"], "model.json does not exist"),
+])
+def test_pretrain_refuses_bad_arguments_before_any_work(argv, message, capsys):
+    from workbench.pretrain import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -274,7 +274,19 @@ def main(argv=None) -> int:
                    help="torch CPU threads (1 is fastest for this tiny model on a shared 2-core machine: the "
                         "matrices are too small to split, and busy cores make threads wait on each other)")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, args.threads))
+    for key, low in (("steps", 1), ("batch_size", 2), ("n_scenes", 2), ("threads", 1), ("test_per_class", 1)):
+        if getattr(args, key) < low:   # before any work: the trainer would otherwise start on nonsense
+            p.error(f"--{key.replace('_', '-')} must be at least {low}, got {getattr(args, key)}")
+    for key in ("lr", "weight_decay", "grad_clip"):
+        if not getattr(args, key) >= 0 or (key == "lr" and args.lr == 0):
+            p.error(f"--{key.replace('_', '-')} must be {'positive' if key == 'lr' else 'zero or more'}, "
+                    f"got {getattr(args, key)}")
+    if args.n_scenes < args.batch_size:
+        p.error(f"--n-scenes ({args.n_scenes}) must be at least --batch-size ({args.batch_size})")
+    if args.evaluate_only and not (Path(args.out) / META_FILE).is_file():
+        p.error(f"--evaluate-only: {Path(args.out) / META_FILE} does not exist; point --out at a folder a "
+                "pretraining run wrote (weights.safetensors, model.json)")
+    torch.set_num_threads(args.threads)
     if args.evaluate_only:
         evaluate_shipped(Path(args.out), args.test_per_class)
         return 0
