@@ -188,3 +188,18 @@ def test_pretrain_refuses_bad_arguments_before_any_work(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_make_pretrain_end_to_end_at_a_toy_size_writes_weights_that_load_and_a_card(tmp_path):
+    from workbench.backbones import load_scenes_backbone
+    from workbench.pretrain import main
+
+    out = tmp_path / "model"
+    assert main(["--steps", "2", "--n-scenes", "16", "--batch-size", "8", "--test-per-class", "1",
+                 "--out", str(out), "--checkpoint-dir", ""]) == 0
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["steps"] == 2 and meta["threads"] == 1 and len(meta["loss_curve"]) == 2
+    assert set(meta["zero_shot_after"]) == set(meta["zero_shot_before"]) >= {"heldout_shape", "leaf_like_scenes"}
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "| leaf_like_scenes | 5 | 20.0 |" in card and "2 steps of 8 pairs" in card
+    assert load_scenes_backbone(device="cpu", folder=out).pretrained == SCENES_TAG
